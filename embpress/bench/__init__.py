@@ -1,0 +1,1 @@
+"""Benchmark grid, results records and reports."""

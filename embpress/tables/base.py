@@ -1,0 +1,396 @@
+"""The table contract: fields, budgets, the registry and the base class of every compressed table.
+
+A table maps field-local ids ``LongTensor[..., F]`` to vectors ``Tensor[..., F, D]`` and reports
+``serving_bytes()``: every byte needed to serve lookups after training, at stored precision.
+Multi-stage methods describe their stages as data (:class:`Stage`) that the trainer runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+FP32_BYTES = 4
+
+
+class BudgetError(ValueError):
+    """Raised when a method cannot fit the requested memory budget."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One categorical field: ids are ``0 .. num_embeddings - 1``.
+
+    ``counts`` holds training-set frequencies (int64, length ``num_embeddings``) for
+    frequency-aware methods. Preprocessing numbers ids by descending frequency, so id 0 is
+    the most frequent value of the field.
+    """
+
+    name: str
+    num_embeddings: int
+    counts: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_embeddings, int | np.integer) or self.num_embeddings < 1:
+            raise ValueError(
+                f"Field {self.name!r}: num_embeddings must be a positive int, got {self.num_embeddings!r}"
+            )
+        if self.counts is not None:
+            counts = np.asarray(self.counts)
+            if counts.shape != (self.num_embeddings,):
+                raise ValueError(
+                    f"Field {self.name!r}: counts must have shape ({self.num_embeddings},), got {counts.shape}"
+                )
+            if (counts < 0).any():
+                raise ValueError(f"Field {self.name!r}: counts must be non-negative")
+
+    def frequencies(self) -> np.ndarray:
+        """Training counts as int64; ids numbered by descending frequency when no counts are known."""
+        if self.counts is not None:
+            return np.asarray(self.counts, dtype=np.int64)
+        # Unknown counts: assume ids are already sorted by frequency (Zipf-like decay).
+        return (self.num_embeddings - np.arange(self.num_embeddings)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A budget given as a compression ratio against the fp32 full table (``full_bytes / value``)."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.value, int | float) and math.isfinite(self.value) and self.value >= 1):
+            raise ValueError(f"compression ratio must be a finite number >= 1, got {self.value!r}")
+
+
+Budget = int | Ratio | None
+"""An absolute byte count (int), a :class:`Ratio`, or None for no compression."""
+
+
+def parse_budget(budget: int | float | str | Ratio | None) -> Budget:
+    """Accept ``4096`` (bytes), ``Ratio(10)``, ``"10x"`` (ratio) or None."""
+    if budget is None or isinstance(budget, Ratio):
+        return budget
+    if isinstance(budget, bool):
+        raise TypeError(f"budget must be an int byte count, a Ratio or 'Nx', got {budget!r}")
+    if isinstance(budget, int | np.integer):
+        if budget <= 0:
+            raise ValueError(f"budget in bytes must be positive, got {budget}")
+        return int(budget)
+    if isinstance(budget, str) and budget.lower().endswith("x"):
+        try:
+            return Ratio(float(budget[:-1]))
+        except ValueError:
+            pass
+    raise ValueError(
+        f"budget {budget!r} not understood: pass an int byte count, Ratio(10) or the string '10x'"
+    )
+
+
+def full_table_bytes(fields: Sequence[Field], dim: int) -> int:
+    """Bytes of the uncompressed fp32 table: one ``dim`` vector per id of every field."""
+    return sum(f.num_embeddings for f in fields) * dim * FP32_BYTES
+
+
+def budget_bytes(budget: Budget, full_bytes: int) -> int:
+    """The largest ``serving_bytes`` a table may have under ``budget``."""
+    if budget is None:
+        return full_bytes
+    if isinstance(budget, Ratio):
+        return int(full_bytes // budget.value)
+    return int(budget)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class StageContext:
+    """What a stage hook may use: the model, the data loaders and an evaluation function.
+
+    ``evaluate()`` returns validation AUC of the current model (used by search stages).
+    """
+
+    model: nn.Module
+    table: CompressedTable
+    evaluate: Callable[[], float]
+    train_batches: Callable[[], Any]
+    valid_batches: Callable[[], Any]
+    generator: torch.Generator
+    log: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a multi-stage method, run by the trainer.
+
+    Args:
+        name: shown in progress and records (``train``, ``search``, ``retrain``, ``quantize``).
+        epochs: epochs to train; None means the trainer's default (with early stopping); 0 trains nothing.
+        bilevel: alternate a model step on a training batch with a step of
+            ``table.arch_parameters()`` on a validation batch (DARTS, first order).
+        reset_head: restore the model head (everything but the table) to its initial weights
+            before the stage, as lottery-ticket style retraining does.
+        early_stopping: keep the best validation state and stop when it stops improving.
+        before, after: hooks called with a :class:`StageContext` around the stage.
+    """
+
+    name: str
+    epochs: int | None = None
+    bilevel: bool = False
+    reset_head: bool = False
+    early_stopping: bool = True
+    before: Callable[[StageContext], None] | None = None
+    after: Callable[[StageContext], None] | None = None
+
+
+# ----------------------------------------------------------------------------- registry
+
+_TABLES: dict[str, type[CompressedTable]] = {}
+
+
+def register_table(name: str) -> Callable[[type[CompressedTable]], type[CompressedTable]]:
+    """Class decorator: make a table buildable by its short ``name``."""
+
+    def deco(cls: type[CompressedTable]) -> type[CompressedTable]:
+        if name in _TABLES and _TABLES[name] is not cls:
+            raise ValueError(f"table method {name!r} is registered twice ({_TABLES[name]} and {cls})")
+        cls.method = name
+        _TABLES[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_tables() -> list[str]:
+    """Short names of every registered table method, sorted."""
+    from embpress import tables as _  # noqa: F401  (import registers the methods)
+
+    return sorted(_TABLES)
+
+
+def table_class(name: str) -> type[CompressedTable]:
+    registered_tables()
+    if name not in _TABLES:
+        raise ValueError(f"unknown table method {name!r}; available: {sorted(_TABLES)}")
+    return _TABLES[name]
+
+
+def table_hparams(cls: type[CompressedTable]) -> dict[str, inspect.Parameter]:
+    """The method's own keyword hyper-parameters (everything but fields, dim and budget)."""
+    sig = inspect.signature(cls.__init__)
+    return {
+        k: p
+        for k, p in sig.parameters.items()
+        if k not in ("self", "fields", "dim", "budget") and p.kind == p.KEYWORD_ONLY
+    }
+
+
+def build_table(
+    spec: str,
+    *,
+    fields: Sequence[Field],
+    dim: int,
+    budget: int | float | str | Ratio | None = None,
+    **hparams: Any,
+) -> CompressedTable:
+    """Build a table from a short spec: a method name, optionally with ``+int8`` / ``+int16``.
+
+    ``build_table("qr+int8", fields=..., dim=16, budget=Ratio(10))`` trains a Q-R table and
+    quantizes its parameters after training; the two compressions multiply.
+
+    >>> t = build_table("hash", fields=[Field("user", 10_000)], dim=8, budget=Ratio(10))
+    >>> t(torch.tensor([[3]])).shape
+    torch.Size([1, 1, 8])
+    """
+    budget = parse_budget(budget)
+    parts = spec.split("+")
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"table spec {spec!r} not understood: use METHOD or METHOD+int8")
+    if len(parts) == 2:
+        from embpress.tables.quant import PostTrainingQuantized
+
+        return PostTrainingQuantized.wrap(parts[0], suffix=parts[1], fields=fields, dim=dim,
+                                          budget=budget, **hparams)
+    cls = table_class(parts[0])
+    allowed = table_hparams(cls)
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"table method {spec!r} has no hyper-parameter(s) {unknown}; it takes {sorted(allowed)}"
+        )
+    return cls(fields=fields, dim=dim, budget=budget, **hparams)
+
+
+# ----------------------------------------------------------------------------- base class
+
+
+class CompressedTable(nn.Module):
+    """Base of every table: validates ids, stores the contract arguments, defines the hooks.
+
+    Subclasses implement ``_lookup(ids: LongTensor[N, F]) -> Tensor[N, F, D]``,
+    ``serving_bytes()`` (analytic, at stored precision) and ``serving_state()`` (the arrays a
+    server would hold, at stored precision; the tests check their size against
+    ``serving_bytes()``).
+    """
+
+    method: ClassVar[str] = "?"
+    reference: ClassVar[bool] = False
+    """True for reference points (``full``, ``noid``) that have one fixed size whatever the budget."""
+
+    def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None) -> None:
+        super().__init__()
+        fields = tuple(fields)
+        if not fields:
+            raise ValueError("a table needs at least one Field")
+        if not all(isinstance(f, Field) for f in fields):
+            raise TypeError("fields must be a sequence of embpress.Field")
+        names = [f.name for f in fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"field names must be unique, got {names}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.fields = fields
+        self.dim = dim
+        self.budget = parse_budget(budget)
+        self.full_bytes = full_table_bytes(fields, dim)
+        self.max_bytes = budget_bytes(self.budget, self.full_bytes)
+        sizes = torch.tensor([f.num_embeddings for f in fields], dtype=torch.long)
+        self.register_buffer("_sizes", sizes, persistent=False)
+        offsets = torch.zeros(len(fields), dtype=torch.long)
+        offsets[1:] = torch.cumsum(sizes, 0)[:-1]
+        self.register_buffer("_offsets", offsets, persistent=False)
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.fields)
+
+    @property
+    def total_ids(self) -> int:
+        return int(sum(f.num_embeddings for f in self.fields))
+
+    # -- contract ---------------------------------------------------------------------------
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids: LongTensor[..., F]`` field-local ids -> ``Tensor[..., F, D]``."""
+        ids = self.check_ids(ids)
+        lead = ids.shape[:-1]
+        out = self._lookup(ids.reshape(-1, self.num_fields))
+        return out.reshape(*lead, self.num_fields, self.dim)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def serving_bytes(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def serving_state(self) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def regularizer(self) -> torch.Tensor | None:
+        """An extra loss term added by the trainer at every step (None: nothing)."""
+        return None
+
+    def stages(self) -> list[Stage]:
+        """Training stages; a single-stage method just trains."""
+        return [Stage("train")]
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters that receive sparse gradients (the trainer gives them SparseAdam)."""
+        return []
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """Architecture parameters updated on validation batches in bilevel stages."""
+        return []
+
+    def extra_repr(self) -> str:
+        return f"fields={len(self.fields)}, dim={self.dim}, budget={self.budget}"
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+
+    def check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Raise a clear error for wrong dtypes, shapes, or ids outside ``[0, num_embeddings)``."""
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+        if ids.dim() == 0 or ids.shape[-1] != self.num_fields:
+            raise ValueError(
+                f"ids must have shape [..., F] with F={self.num_fields} fields, got {tuple(ids.shape)}"
+            )
+        ids = ids.long()
+        if ids.numel():
+            flat = ids.reshape(-1, self.num_fields)
+            bad = (flat < 0) | (flat >= self._sizes)
+            if bool(bad.any()):
+                row, col = (int(v) for v in bad.nonzero()[0])
+                f = self.fields[col]
+                raise ValueError(
+                    f"id {int(flat[row, col])} out of range for field {f.name!r} "
+                    f"(valid ids are 0..{f.num_embeddings - 1}) at row {row}"
+                )
+        return ids
+
+    def global_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Field-local ``[N, F]`` ids to ids in one concatenated id space."""
+        return ids + self._offsets
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.max_bytes
+
+    def require_fit(self, nbytes: int, what: str) -> None:
+        """Raise :class:`BudgetError` when ``nbytes`` exceeds the budget."""
+        if nbytes > self.max_bytes:
+            raise BudgetError(
+                f"{self.method}: {what} needs {nbytes:,} bytes but the budget allows {self.max_bytes:,} "
+                f"(full table {self.full_bytes:,} bytes, budget {self.budget})"
+            )
+
+
+def state_nbytes(state: dict[str, np.ndarray]) -> int:
+    """Total bytes of a serving state, each array at its own dtype."""
+    return int(sum(np.asarray(v).nbytes for v in state.values()))
+
+
+def to_numpy(t: torch.Tensor, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(dtype, copy=False)
+
+
+def params_of(cls: type) -> list[str]:
+    """Names of a dataclass's or table's keyword parameters (for records and repr)."""
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return list(table_hparams(cls))
+
+
+class Embedding(nn.Module):
+    """A drop-in for ``torch.nn.Embedding(num_embeddings, dim)`` backed by any compressed table.
+
+    >>> emb = Embedding(50_000, 16, method="qr", budget=Ratio(20))
+    >>> emb(torch.tensor([[1, 2], [3, 49_999]])).shape
+    torch.Size([2, 2, 16])
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, method: str = "hash",
+                 budget: int | float | str | Ratio | None = None, counts: np.ndarray | None = None,
+                 **hparams: Any) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.table = build_table(method, fields=[Field("ids", num_embeddings, counts)],
+                                 dim=embedding_dim, budget=budget, **hparams)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids: LongTensor[*]`` -> ``Tensor[*, D]``."""
+        return self.table(ids.unsqueeze(-1)).squeeze(-2)
+
+    def serving_bytes(self) -> int:
+        return self.table.serving_bytes()
