@@ -1,0 +1,303 @@
+"""One trainer for every method: runs the table's stages, early-stops on validation AUC, evaluates.
+
+Stages come from ``model.table.stages()`` as data (:class:`embpress.tables.Stage`); the trainer
+has no method-specific branches. Sparse-gradient parameters get SparseAdam, the rest Adam, and
+bilevel stages update ``table.arch_parameters()`` on validation batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+
+from embpress.atomic import atomic_open
+from embpress.data.schema import CTRDataset, Split
+from embpress.models.base import CTRModel
+from embpress.tables.base import Stage, StageContext
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters shared by every method.
+
+    ``epochs`` is the default per stage (a stage may set its own); ``patience`` is the number of
+    evaluations without improvement of validation AUC before a stage stops; ``evals_per_epoch``
+    evaluates that many times per epoch (CTR models often peak within the first epoch).
+    """
+
+    epochs: int = 2
+    batch_size: int = 2048
+    lr: float = 1e-3
+    sparse_lr: float = 1e-3
+    arch_lr: float = 3e-3
+    weight_decay: float = 0.0
+    patience: int = 1
+    evals_per_epoch: int = 2
+    eval_batch_size: int = 16384
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience", "evals_per_epoch", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "epochs" else 1):
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+        for name in ("lr", "sparse_lr", "arch_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"TrainConfig.{name} must be a positive number, got {v!r}")
+
+
+@dataclass
+class StageReport:
+    name: str
+    seconds: float
+    epochs: float
+    samples: int
+    best_valid_auc: float | None
+
+
+@dataclass
+class TrainResult:
+    """What a run measured: test metrics at the best validation point, throughput, stage times."""
+
+    valid_auc: float
+    test_auc: float
+    test_logloss: float
+    train_samples_per_s: float
+    train_seconds: float
+    stages: list[StageReport] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate(model: CTRModel, split: Split, batch_size: int = 16384) -> tuple[float, float]:
+    """``(AUC, log loss)`` of ``model`` on ``split`` (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for dense, ids, _ in split.batches(batch_size):
+            preds.append(torch.sigmoid(model(dense, ids)).double().numpy())
+    model.train(was_training)
+    p = np.concatenate(preds) if preds else np.zeros(0)
+    y = np.asarray(split.label, dtype=np.float64)
+    if len(y) == 0 or y.min() == y.max():
+        warnings.warn("evaluation split has a single class: AUC is undefined", stacklevel=2)
+        return float("nan"), float("nan")
+    if not np.isfinite(p).all():
+        raise FloatingPointError("model produced non-finite predictions during evaluation")
+    return float(roc_auc_score(y, p)), float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)))
+
+
+class _Optimizers:
+    """SparseAdam for sparse-gradient parameters, Adam for the others, Adam for arch parameters."""
+
+    def __init__(self, model: CTRModel, cfg: TrainConfig) -> None:
+        table = model.table
+        arch = {id(p) for p in table.arch_parameters()}
+        sparse = [p for p in table.sparse_parameters() if p.requires_grad]
+        sparse_ids = {id(p) for p in sparse}
+        dense = [p for p in model.parameters()
+                 if p.requires_grad and id(p) not in sparse_ids and id(p) not in arch]
+        self.opts: list[torch.optim.Optimizer] = []
+        if sparse:
+            self.opts.append(torch.optim.SparseAdam(sparse, lr=cfg.sparse_lr))
+        if dense:
+            self.opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        arch_params = [p for p in table.arch_parameters() if p.requires_grad]
+        self.arch = torch.optim.Adam(arch_params, lr=cfg.arch_lr) if arch_params else None
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        if self.arch is not None:
+            self.arch.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+
+def _loss(model: CTRModel, dense: torch.Tensor, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = nn.functional.binary_cross_entropy_with_logits(model(dense, ids), y)
+    reg = model.table.regularizer()
+    return loss if reg is None else loss + reg
+
+
+def _infinite(split: Split, batch_size: int, gen: torch.Generator):
+    while True:
+        yield from split.batches(batch_size, shuffle=True, generator=gen)
+
+
+class Trainer:
+    """Runs every stage of ``model.table`` on ``data`` and reports test metrics at the best point."""
+
+    def __init__(self, model: CTRModel, data: CTRDataset, config: TrainConfig | None = None,
+                 log=None) -> None:
+        if tuple(f.num_embeddings for f in model.table.fields) != tuple(f.num_embeddings for f in data.fields):
+            raise ValueError("the model's table was built for other fields than the dataset's")
+        if model.num_dense != data.num_dense:
+            raise ValueError(f"the model takes {model.num_dense} dense features, the data has {data.num_dense}")
+        self.model = model
+        self.data = data
+        self.cfg = config or TrainConfig()
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.log = log or (lambda msg: None)
+        self.head_init = model.head_state()
+
+    def _context(self) -> StageContext:
+        return StageContext(
+            model=self.model, table=self.model.table,
+            evaluate=lambda: evaluate(self.model, self.data.valid, self.cfg.eval_batch_size)[0],
+            train_batches=lambda: self.data.train.batches(self.cfg.batch_size, shuffle=True, generator=self.gen),
+            valid_batches=lambda: self.data.valid.batches(self.cfg.batch_size, shuffle=True, generator=self.gen),
+            generator=self.gen, log=self.log,
+        )
+
+    def fit(self) -> TrainResult:
+        """Run all stages, then evaluate on the test split."""
+        reports, history = [], []
+        train_samples, train_seconds = 0, 0.0
+        for stage in self.model.table.stages():
+            rep, hist, samples, seconds = self._run_stage(stage)
+            reports.append(rep)
+            history.extend(hist)
+            train_samples += samples
+            train_seconds += seconds
+        valid_auc, _ = evaluate(self.model, self.data.valid, self.cfg.eval_batch_size)
+        test_auc, test_ll = evaluate(self.model, self.data.test, self.cfg.eval_batch_size)
+        return TrainResult(
+            valid_auc=valid_auc, test_auc=test_auc, test_logloss=test_ll,
+            train_samples_per_s=train_samples / train_seconds if train_seconds > 0 else float("nan"),
+            train_seconds=train_seconds, stages=reports, history=history,
+        )
+
+    def _run_stage(self, stage: Stage) -> tuple[StageReport, list[dict], int, float]:
+        cfg, model = self.cfg, self.model
+        t0 = time.perf_counter()
+        ctx = self._context()
+        if stage.reset_head:
+            model.load_state_dict(self.head_init, strict=False)
+        if stage.before is not None:
+            stage.before(ctx)
+        epochs = cfg.epochs if stage.epochs is None else stage.epochs
+        n = len(self.data.train)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        if cfg.max_steps_per_epoch is not None:
+            steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+        total_steps = epochs * steps_per_epoch
+        eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+        history: list[dict] = []
+        best_auc, best_state, bad_evals = -math.inf, None, 0
+        samples, train_time = 0, 0.0
+        if total_steps > 0:
+            opt = _Optimizers(model, cfg)
+            batches = _infinite(self.data.train, cfg.batch_size, self.gen)
+            vbatches = _infinite(self.data.valid, cfg.batch_size, self.gen) if stage.bilevel else None
+            model.train()
+            with _progress(cfg.progress) as prog:
+                task = prog.add_task(f"{model.table.method}:{stage.name}", total=total_steps, info="")
+                tick = time.perf_counter()
+                for step in range(1, total_steps + 1):
+                    dense, ids, y = next(batches)
+                    opt.zero_grad()
+                    loss = _loss(model, dense, ids, y)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"{model.table.method}: loss became {loss.item()} in stage {stage.name!r} at step {step}"
+                        )
+                    loss.backward()
+                    opt.step()
+                    if vbatches is not None and opt.arch is not None:
+                        vd, vi, vy = next(vbatches)
+                        opt.zero_grad()
+                        _loss(model, vd, vi, vy).backward()
+                        opt.arch.step()
+                    samples += len(y)
+                    if step % 50 == 0 or step == total_steps:
+                        now = time.perf_counter()
+                        prog.update(task, completed=step,
+                                    info=f"loss {loss.item():.4f}  {samples / (train_time + now - tick):,.0f} samples/s")
+                    if step % eval_every == 0 or step == total_steps:
+                        train_time += time.perf_counter() - tick
+                        auc, ll = evaluate(model, self.data.valid, cfg.eval_batch_size)
+                        history.append({"stage": stage.name, "step": step, "epoch": step / steps_per_epoch,
+                                        "valid_auc": auc, "valid_logloss": ll})
+                        self.log(f"{stage.name} epoch {step / steps_per_epoch:.2f}: valid AUC {auc:.4f}")
+                        if not stage.early_stopping:
+                            pass
+                        elif auc > best_auc:
+                            best_auc, bad_evals = auc, 0
+                            best_state = copy.deepcopy(model.state_dict())
+                        else:
+                            bad_evals += 1
+                            if bad_evals >= cfg.patience:
+                                break
+                        tick = time.perf_counter()
+            if best_state is not None:
+                model.load_state_dict(best_state)
+        if stage.after is not None:
+            stage.after(ctx)
+        seconds = time.perf_counter() - t0
+        rep = StageReport(stage.name, seconds, samples / n if n else 0.0, samples,
+                          None if best_auc == -math.inf else best_auc)
+        return rep, history, samples, train_time
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=True)
+
+
+def train(model: CTRModel, data: CTRDataset, config: TrainConfig | None = None) -> TrainResult:
+    """Train ``model`` on ``data`` through all of its table's stages; see :class:`Trainer`."""
+    return Trainer(model, data, config).fit()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, **meta: Any) -> None:
+    """Write the model's state and ``meta`` atomically (temporary file, then rename)."""
+    with atomic_open(path, "wb") as fh:
+        torch.save({"format": 1, "state_dict": model.state_dict(), "meta": meta}, fh)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model``; returns its meta."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt files
+        raise ValueError(f"checkpoint {path} is unreadable or truncated: {e}") from None
+    if not isinstance(blob, dict) or blob.get("format") != 1:
+        raise ValueError(f"checkpoint {path} is not an embpress checkpoint (format 1)")
+    model.load_state_dict(blob["state_dict"])
+    return blob["meta"]

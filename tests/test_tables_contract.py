@@ -1,0 +1,121 @@
+"""One contract suite over every registered table method (DESIGN.md, "Tables")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embpress.models import build_model
+from embpress.tables import BudgetError, Embedding, Ratio, build_table, registered_tables, table_class
+from embpress.tables.base import state_nbytes
+from embpress.train import TrainConfig, evaluate, train
+
+METHODS = registered_tables()
+COMPRESSED = [m for m in METHODS if not table_class(m).reference]
+
+# Most methods are checked at 4x. Quantizers reach at most 4x (less at small dims).
+CONTRACT_RATIO = {"int8": 2.0}
+LEARN_RATIO = {"int8": 2.0}
+
+
+def _build(method, fields, dim=8, ratio=None, seed=0):
+    torch.manual_seed(seed)
+    ratio = CONTRACT_RATIO.get(method, 4.0) if ratio is None else ratio
+    budget = None if table_class(method).reference else Ratio(ratio)
+    return build_table(method, fields=fields, dim=dim, budget=budget)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_shape_dtype(method, small_fields):
+    t = _build(method, small_fields)
+    ids = torch.tensor([[0, 0, 0], [6, 299, 4999], [3, 17, 1234]])
+    out = t(ids)
+    assert out.shape == (3, 3, 8) and out.dtype == torch.float32
+    # leading dimensions are preserved
+    assert t(ids.reshape(1, 3, 3)).shape == (1, 3, 3, 8)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_serving_bytes_match_state_and_budget(method, small_fields):
+    t = _build(method, small_fields)
+    state = t.serving_state()
+    assert state, "serving_state must list what a server stores"
+    for name, arr in state.items():
+        assert isinstance(arr, np.ndarray), f"{name} must be a numpy array at stored precision"
+    assert t.serving_bytes() == state_nbytes(state)
+    if not table_class(method).reference:
+        assert t.serving_bytes() <= t.full_bytes / CONTRACT_RATIO.get(method, 4.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_parameters(method, small_fields):
+    t = _build(method, small_fields)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    t(ids).square().sum().backward()
+    grads = [p.grad for p in t.parameters() if p.requires_grad]
+    assert grads and any(g is not None and float(g.abs().sum() if not g.is_sparse else g.coalesce().values().abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic_with_seed(method, small_fields):
+    ids = torch.tensor([[1, 2, 3], [6, 200, 4000]])
+    a = _build(method, small_fields, seed=3)(ids)
+    b = _build(method, small_fields, seed=3)(ids)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "ids, exc, msg",
+    [
+        (torch.tensor([[0, 0, 5000]]), ValueError, "field 'large'"),
+        (torch.tensor([[-1, 0, 0]]), ValueError, "field 'small'"),
+        (torch.tensor([[0, 0]]), ValueError, "F=3"),
+        (torch.tensor([[0.0, 0.0, 0.0]]), TypeError, "integer"),
+    ],
+)
+def test_bad_ids_raise(method, small_fields, ids, exc, msg):
+    t = _build(method, small_fields)
+    with pytest.raises(exc, match=msg):
+        t(ids)
+
+
+@pytest.mark.parametrize("method", COMPRESSED)
+def test_impossible_budget_raises(method, small_fields):
+    with pytest.raises(BudgetError):
+        build_table(method, fields=small_fields, dim=8, budget=16)
+
+
+def test_unknown_method_and_hparam(small_fields):
+    with pytest.raises(ValueError, match="unknown table method"):
+        build_table("nope", fields=small_fields, dim=8)
+    with pytest.raises(ValueError, match="no hyper-parameter"):
+        build_table("hash", fields=small_fields, dim=8, budget=Ratio(2), bogus=1)
+
+
+def test_embedding_dropin():
+    emb = Embedding(1000, 8, method="hash", budget=Ratio(10))
+    out = emb(torch.tensor([[1, 2, 3], [4, 5, 999]]))
+    assert out.shape == (2, 3, 8)
+    assert emb.serving_bytes() <= 1000 * 8 * 4 / 10
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_learns_tiny_ctr_task(method, tiny_ctr):
+    """Every method must beat the no-id floor on a task whose signal sits in per-id effects."""
+    aucs = {}
+    for m in ("noid", method):
+        torch.manual_seed(0)
+        budget = None if table_class(m).reference else Ratio(LEARN_RATIO.get(m, 4.0))
+        table = build_table(m, fields=tiny_ctr.fields, dim=8, budget=budget)
+        model = build_model("dlrm", table=table, num_dense=tiny_ctr.num_dense, bottom=(16,), top=(32,))
+        res = train(model, tiny_ctr, TrainConfig(epochs=3, batch_size=256, lr=3e-3, sparse_lr=3e-3,
+                                                 progress=False, patience=2))
+        assert res.test_auc == pytest.approx(evaluate(model, tiny_ctr.test)[0])
+        aucs[m] = res.test_auc
+    if method == "noid":
+        assert aucs["noid"] > 0.5
+    else:
+        assert aucs[method] > aucs["noid"] + 0.03, aucs
