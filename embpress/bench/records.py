@@ -57,25 +57,22 @@ def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All complete records of a ``results.jsonl``; a missing file gives ``[]``.
 
-    A malformed line raises ``ValueError`` naming the file and line, except a truncated final
-    line (an interrupted append), which is skipped with a warning.
+    A line that is not valid JSON can only come from an append that was interrupted (records
+    are written whole, and the next append starts a fresh line): it is skipped with a warning
+    naming the file and line. A valid JSON line that is not an object raises ``ValueError``.
     """
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    lines = path.read_text().split("\n")
-    for i, line in enumerate(lines, start=1):
+    for i, line in enumerate(path.read_text().split("\n"), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            last = all(not rest.strip() for rest in lines[i:])
-            if last:
-                warnings.warn(f"{path}:{i}: skipping truncated last record ({e.msg})", stacklevel=2)
-                continue
-            raise ValueError(f"{path}:{i}: malformed record: {e.msg}") from None
+            warnings.warn(f"{path}:{i}: skipping truncated record ({e.msg})", stacklevel=2)
+            continue
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{i}: a record must be a JSON object, got {type(rec).__name__}")
         records.append(rec)
