@@ -12,7 +12,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compressed embedding tables and corpus vectors, with an honest benchmark.")
 console = Console(stderr=True)
 
-QUICK_DATASET = "synthetic:rows=100000"
+QUICK_DATASET = "synthetic:rows=200000"
 DEFAULT_DATASET = "synthetic"
 
 
@@ -30,12 +30,14 @@ def bench(
     methods: Annotated[str | None, typer.Option(help="Comma-separated table methods, or 'all'.")] = None,
     ratios: Annotated[str | None, typer.Option(help="Comma-separated compression ratios, e.g. 10,100.")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds.")] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs per stage (early stopping on validation AUC).")] = 1,
+    epochs: Annotated[int | None, typer.Option(
+        help="Epochs per stage (early stopping on validation AUC); default by dataset: 1 for synthetic, "
+        "criteo and avazu, 30 for libfm and movielens.")] = None,
     dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 2048,
-    lr: Annotated[float, typer.Option(help="Learning rate (Adam and SparseAdam).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate (Adam and SparseAdam).")] = 3e-3,
     out: Annotated[Path, typer.Option(help="Run folder: results.jsonl, report.md, pareto.png.")] = Path("runs/bench"),
-    quick: Annotated[bool, typer.Option("--quick", help="Same grid, smaller: one seed, 100k synthetic rows.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Same grid, smaller: one seed, 200k synthetic rows.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:

@@ -38,11 +38,11 @@ class TrainConfig:
 
     epochs: int = 2
     batch_size: int = 2048
-    lr: float = 1e-3
-    sparse_lr: float = 1e-3
+    lr: float = 3e-3
+    sparse_lr: float = 3e-3
     arch_lr: float = 3e-3
     weight_decay: float = 0.0
-    patience: int = 1
+    patience: int = 2
     evals_per_epoch: int = 2
     eval_batch_size: int = 16384
     seed: int = 0
@@ -236,12 +236,10 @@ class Trainer:
                         history.append({"stage": stage.name, "step": step, "epoch": step / steps_per_epoch,
                                         "valid_auc": auc, "valid_logloss": ll})
                         self.log(f"{stage.name} epoch {step / steps_per_epoch:.2f}: valid AUC {auc:.4f}")
-                        if not stage.early_stopping:
-                            pass
-                        elif auc > best_auc:
+                        if stage.early_stopping and auc > best_auc:
                             best_auc, bad_evals = auc, 0
                             best_state = copy.deepcopy(model.state_dict())
-                        else:
+                        elif stage.early_stopping:
                             bad_evals += 1
                             if bad_evals >= cfg.patience:
                                 break

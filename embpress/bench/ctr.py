@@ -25,6 +25,10 @@ from embpress.train import TrainConfig, Trainer
 
 DEFAULT_METHODS = ("full", "noid", "hash", "qr", "unified", "tt", "int8")
 DEFAULT_RATIOS = (2.0, 10.0, 100.0)
+DEFAULT_EPOCHS = {"synthetic": 1, "criteo": 1, "avazu": 1, "movielens": 30, "libfm": 30}
+"""Epochs per stage when the grid does not set them: large click logs are trained for one epoch as
+in the CTR literature; small sets train longer and early stopping on validation AUC decides."""
+
 TRIAL_KEYS = ("dataset", "model", "method", "ratio", "seed", "dim", "epochs", "batch_size", "lr")
 
 
@@ -38,9 +42,9 @@ class BenchConfig:
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     seeds: tuple[int, ...] = (0, 1, 2)
     dim: int = 16
-    epochs: int = 1
+    epochs: int | None = None
     batch_size: int = 2048
-    lr: float = 1e-3
+    lr: float = 3e-3
     threads: int | None = None
     progress: bool = True
 
@@ -63,6 +67,12 @@ class Trial:
     ratio: float
     seed: int
 
+    def epochs(self, cfg: BenchConfig) -> int:
+        """The grid's epochs, else the dataset format's default (:data:`DEFAULT_EPOCHS`)."""
+        if cfg.epochs is not None:
+            return cfg.epochs
+        return DEFAULT_EPOCHS.get(self.dataset.split(":")[0], 1)
+
     def label(self) -> str:
         return f"{self.dataset} {self.model} {self.method}@{self.ratio:g}x seed {self.seed}"
 
@@ -84,7 +94,7 @@ def plan_trials(cfg: BenchConfig) -> list[Trial]:
 
 def _base_record(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> dict[str, Any]:
     return {
-        **asdict(trial), "dim": cfg.dim, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        **asdict(trial), "dim": cfg.dim, "epochs": trial.epochs(cfg), "batch_size": cfg.batch_size,
         "lr": cfg.lr, "dataset_name": data.name,
         "train_rows": len(data.train), "num_fields": len(data.fields),
         "vocab_bytes": data.vocab_bytes, **provenance(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -117,7 +127,7 @@ def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> dict[str, Any
     except BudgetError as e:
         return {**rec, "status": "unreachable", "reason": str(e)}
     model = build_model(trial.model, table=table, num_dense=data.num_dense)
-    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, sparse_lr=cfg.lr,
+    tcfg = TrainConfig(epochs=trial.epochs(cfg), batch_size=cfg.batch_size, lr=cfg.lr, sparse_lr=cfg.lr,
                        seed=trial.seed, progress=cfg.progress)
     result = Trainer(model, data, tcfg).fit()
     serving = table.serving_bytes()
@@ -164,7 +174,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
     for ds, ds_trials in by_dataset.items():
         todo = []
         for t in ds_trials:
-            key = record_key({**asdict(t), "dim": cfg.dim, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            key = record_key({**asdict(t), "dim": cfg.dim, "epochs": t.epochs(cfg), "batch_size": cfg.batch_size,
                               "lr": cfg.lr}, TRIAL_KEYS)
             if key in done:
                 outcome.skipped += 1
