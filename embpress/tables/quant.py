@@ -1,0 +1,282 @@
+"""Post-training row-wise quantization of any table's float parameters to int8 or int16.
+
+The inner table trains as usual; a final ``quantize`` stage replaces each float parameter, seen
+as ``[rows, last_dim]``, by unsigned integer codes with one fp32 scale and offset per row
+(FBGEMM's 8-bit rowwise format, ``w ~ code * scale + offset``), writes the dequantized values back
+so that evaluation sees the served weights, and freezes them. ``build_table("qr+int8", ...)``
+wraps any float method this way, and the compressions multiply. Row-wise uniform post-training
+quantization of embedding tables: Guan et al., arXiv:1911.02079 (Sec. 3); the INT8/INT16 baseline of
+the VLDB 2024 study (arXiv:2311.15578).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from embpress.tables.base import (
+    FP32_BYTES,
+    Budget,
+    BudgetError,
+    CompressedTable,
+    Field,
+    Stage,
+    StageContext,
+    build_table,
+    register_table,
+    table_class,
+)
+
+SUFFIXES: dict[str, type[np.unsignedinteger]] = {"int8": np.uint8, "int16": np.uint16}
+"""Spec suffix -> dtype of the stored codes."""
+ROW_QPARAM_BYTES = 2 * FP32_BYTES
+"""Per quantized row: its fp32 scale and fp32 offset."""
+MAX_TRIES = 16
+SHRINK = 0.95
+
+
+def _code_dtype(suffix: str) -> type[np.unsignedinteger]:
+    if suffix not in SUFFIXES:
+        raise ValueError(f"quantization suffix {suffix!r} not understood; use one of {sorted(SUFFIXES)} "
+                         f"(e.g. 'qr+int8')")
+    return SUFFIXES[suffix]
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A parameter viewed as ``[rows, last_dim]`` (a scalar is one row of one value)."""
+    return t.reshape(1, 1) if t.dim() == 0 else t.reshape(-1, t.shape[-1])
+
+
+def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric row-wise quantization of ``x: float[R, C]`` to ``bits``-bit unsigned codes.
+
+    Returns ``codes int64[R, C]`` in ``0 .. 2**bits - 1``, ``scale float32[R]`` and
+    ``offset float32[R]`` with ``scale = (max - min) / (2**bits - 1)`` and ``offset = min`` per row,
+    so that ``|x - (codes * scale + offset)| <= scale / 2`` (FBGEMM 8-bit rowwise convention).
+    """
+    x = x.detach().float()
+    levels = 2**bits - 1
+    if x.numel() == 0:
+        empty = torch.zeros(x.shape[0], dtype=torch.float32)
+        return torch.zeros(x.shape, dtype=torch.long), empty, empty.clone()
+    lo, hi = x.min(1).values, x.max(1).values
+    scale = (hi - lo) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((x - lo[:, None]) / safe[:, None]).clamp_(0, levels).long()
+    return codes, scale, lo
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``codes[R, C] * scale[R] + offset[R]`` in float32."""
+    return codes.float() * scale[:, None] + offset[:, None]
+
+
+def _float_parameters(table: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in table.named_parameters() if p.is_floating_point()]
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return np.issubdtype(np.asarray(a).dtype, np.floating)
+
+
+def check_float_state(table: CompressedTable) -> None:
+    """Raise ValueError unless the table's float serving arrays are exactly its float parameters.
+
+    Post-training quantization replaces each float parameter by codes and row scales; this is
+    only the served state when the table serves its parameters as they are (matched by size).
+    """
+    params = sorted(p.numel() for _, p in _float_parameters(table))
+    arrays = sorted(int(np.asarray(v).size) for v in table.serving_state().values() if _is_float(v))
+    if params != arrays:
+        raise ValueError(
+            f"{table.method}: cannot be post-training quantized: its float serving arrays (sizes {arrays}) "
+            f"are not its float parameters (sizes {params}); quantize only methods that serve their "
+            f"parameters as stored"
+        )
+
+
+def quantized_bytes(table: CompressedTable, suffix: str) -> int:
+    """Serving bytes of ``table`` once its float parameters are quantized with ``suffix``."""
+    code_bytes = np.dtype(_code_dtype(suffix)).itemsize
+    other = sum(np.asarray(v).nbytes for v in table.serving_state().values() if not _is_float(v))
+    total = 0
+    for _, p in _float_parameters(table):
+        rows, cols = _as_rows(p.detach()).shape
+        total += rows * (cols * code_bytes + ROW_QPARAM_BYTES)
+    return int(other + total)
+
+
+class PostTrainingQuantized(CompressedTable):
+    """Any float table, trained, then quantized row-wise to int8/int16 (FBGEMM rowwise format).
+
+    The inner table is built with the largest budget (from ``budget * 32 / bits`` down, shrinking
+    geometrically; kept as ``inner_budget``) whose quantized size fits ``budget``. Its stages run
+    first, with hooks that see the inner table as ``ctx.table``; then ``Stage("quantize",
+    epochs=0)`` calls :meth:`quantize`.
+    Before that stage, :meth:`serving_state` reports what quantizing the current weights would
+    store. Use :meth:`wrap` (``build_table("qr+int8", ...)``) rather than this constructor.
+
+    Args:
+        inner: the registered float method to wrap.
+        suffix: ``"int8"`` (uint8 codes) or ``"int16"`` (uint16 codes).
+        inner_hparams: hyper-parameters of the inner method.
+
+    Shapes: ids ``[N, F]`` -> ``[N, F, D]``. Serving state: the inner table's non-float arrays, and
+    per float parameter ``NAME`` (a module path): ``NAME.codes [rows, last_dim]`` uint8/uint16,
+    ``NAME.scale [rows]`` and ``NAME.offset [rows]`` fp32.
+
+    >>> from embpress.tables import Ratio
+    >>> t = build_table("hash+int8", fields=[Field("a", 1000)], dim=16, budget=Ratio(8))
+    >>> [s.name for s in t.stages()], t.serving_bytes() <= 1000 * 16 * 4 / 8
+    (['train', 'quantize'], True)
+    """
+
+    def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, inner: str = "full",
+                 suffix: str = "int8", inner_hparams: Mapping[str, Any] | None = None) -> None:
+        super().__init__(fields=fields, dim=dim, budget=budget)
+        self.code_dtype = _code_dtype(suffix)
+        self.inner_method = inner
+        self.suffix = suffix
+        self.bits = 8 * np.dtype(self.code_dtype).itemsize
+        self.inner_hparams = dict(inner_hparams or {})
+        if type(self) is PostTrainingQuantized:
+            self.method = f"{inner}+{suffix}"
+        self.inner = self._build_inner()
+        self.codes_: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+
+    @classmethod
+    def wrap(cls, inner_method: str, *, suffix: str, fields: Sequence[Field], dim: int,
+             budget: Budget = None, **hparams: Any) -> PostTrainingQuantized:
+        """``inner_method`` (with its ``hparams``) trained, then quantized to ``suffix``."""
+        _code_dtype(suffix)
+        return PostTrainingQuantized(fields=fields, dim=dim, budget=budget, inner=inner_method,
+                                     suffix=suffix, inner_hparams=hparams)
+
+    # -- sizing ------------------------------------------------------------------------------
+
+    def _build_inner(self) -> CompressedTable:
+        spec = f"{self.inner_method}+{self.suffix}"
+        cls = table_class(self.inner_method)
+        if issubclass(cls, PostTrainingQuantized):
+            raise ValueError(f"{spec}: {self.inner_method!r} is already quantized; wrap a float method")
+        inner_budget = self.max_bytes * 32 / self.bits
+        rng = torch.get_rng_state()
+        nbytes = None
+        for _ in range(1 if cls.reference else MAX_TRIES):
+            torch.set_rng_state(rng)  # every try draws the same initial weights
+            try:
+                table = build_table(self.inner_method, fields=self.fields, dim=self.dim,
+                                    budget=None if cls.reference else max(1, int(inner_budget)),
+                                    **self.inner_hparams)
+            except BudgetError as e:
+                raise BudgetError(
+                    f"{spec}: the inner {self.inner_method!r} cannot fit {int(inner_budget):,} bytes before "
+                    f"quantization ({e})" + (f"; its last fit quantized to {nbytes:,} bytes" if nbytes else "")
+                    + f", budget {self.max_bytes:,} bytes"
+                ) from None
+            check_float_state(table)
+            nbytes = quantized_bytes(table, self.suffix)
+            if nbytes <= self.max_bytes:
+                self.inner_budget = None if cls.reference else max(1, int(inner_budget))
+                return table
+            inner_budget *= min(SHRINK, self.max_bytes / nbytes)
+        if cls.reference:
+            raise BudgetError(
+                f"{spec}: the quantized {self.inner_method} table needs {nbytes:,} bytes but the budget allows "
+                f"{self.max_bytes:,}: {self.suffix} reaches at most ratio {self.full_bytes / nbytes:.2f} "
+                f"at dim {self.dim} (one fp32 scale and offset per row)"
+            )
+        raise BudgetError(
+            f"{spec}: after {MAX_TRIES} tries the quantized {self.inner_method} table still needs {nbytes:,} "
+            f"bytes (inner budget {int(inner_budget):,}) but the budget allows {self.max_bytes:,}"
+        )
+
+    # -- contract ----------------------------------------------------------------------------
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner._lookup(ids)
+
+    def serving_bytes(self) -> int:
+        return quantized_bytes(self.inner, self.suffix)
+
+    def serving_state(self) -> dict[str, np.ndarray]:
+        state = {k: v for k, v in self.inner.serving_state().items() if not _is_float(v)}
+        for name, p in _float_parameters(self.inner):
+            if self.codes_ is not None:
+                codes, scale, offset = self.codes_[name]
+            else:
+                c, s, o = quantize_rows(_as_rows(p.detach()), self.bits)
+                codes, scale, offset = c.numpy().astype(self.code_dtype), s.numpy(), o.numpy()
+            state[f"{name}.codes"] = codes
+            state[f"{name}.scale"] = scale
+            state[f"{name}.offset"] = offset
+        return state
+
+    @torch.no_grad()
+    def quantize(self) -> None:
+        """Quantize every float parameter of the inner table row-wise, load the dequantized
+        values into it and freeze it; :meth:`serving_state` then returns the stored codes."""
+        stored = {}
+        for name, p in _float_parameters(self.inner):
+            codes, scale, offset = quantize_rows(_as_rows(p), self.bits)
+            p.copy_(dequantize_rows(codes, scale, offset).reshape(p.shape))
+            p.requires_grad_(False)
+            stored[name] = (codes.numpy().astype(self.code_dtype), scale.numpy(), offset.numpy())
+        self.codes_ = stored
+
+    def _quantize_stage(self, ctx: StageContext) -> None:
+        self.quantize()
+        ctx.log(f"{self.method}: quantized to {self.suffix}, {self.serving_bytes():,} serving bytes")
+
+    def _for_inner(self, hook: Callable[[StageContext], None] | None) -> Callable[[StageContext], None] | None:
+        if hook is None:
+            return None
+        return lambda ctx: hook(dataclasses.replace(ctx, table=self.inner))
+
+    def stages(self) -> list[Stage]:
+        inner = [dataclasses.replace(s, before=self._for_inner(s.before), after=self._for_inner(s.after))
+                 for s in self.inner.stages()]
+        return [*inner, Stage("quantize", epochs=0, early_stopping=False, before=self._quantize_stage)]
+
+    def regularizer(self) -> torch.Tensor | None:
+        return self.inner.regularizer()
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return self.inner.sparse_parameters()
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return self.inner.arch_parameters()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, inner={self.inner_method!r}, suffix={self.suffix!r}"
+
+
+@register_table("int8")
+class Int8Table(PostTrainingQuantized):
+    """The ``full`` table, trained in fp32, then quantized to int8 row-wise (``full+int8``).
+
+    Serving bytes are ``rows * (D + 8)``: at most 4x smaller than fp32, 2x at ``D = 8``.
+
+    >>> t = Int8Table(fields=[Field("a", 100)], dim=8, budget=1600)
+    >>> t.serving_bytes(), sorted(t.serving_state())
+    (1600, ['weight.weight.codes', 'weight.weight.offset', 'weight.weight.scale'])
+    """
+
+    def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None) -> None:
+        super().__init__(fields=fields, dim=dim, budget=budget, inner="full", suffix="int8")
+
+
+@register_table("int16")
+class Int16Table(PostTrainingQuantized):
+    """The ``full`` table, trained in fp32, then quantized to int16 row-wise (``full+int16``).
+
+    Serving bytes are ``rows * (2 D + 8)``: at most 2x smaller than fp32, 1.33x at ``D = 8``.
+    """
+
+    def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None) -> None:
+        super().__init__(fields=fields, dim=dim, budget=budget, inner="full", suffix="int16")

@@ -1,0 +1,138 @@
+"""Q-R compositional embeddings: budget arithmetic, complementary partitions, serving state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embpress.tables import BudgetError, Field, QRTable, Ratio
+from embpress.tables.base import state_nbytes
+from embpress.tables.qr import plan_moduli
+
+
+def _fields():
+    return [Field("tiny", 3), Field("mid", 300), Field("large", 5000)]
+
+
+def _numpy_lookup(state: dict[str, np.ndarray], sizes: list[int], ids: np.ndarray, operation: str) -> np.ndarray:
+    """Lookups from the serving state alone: what a server would compute."""
+    moduli = state["moduli"]
+    r_off = q_off = full_off = 0
+    out = []
+    for f, (n, m) in enumerate(zip(sizes, moduli, strict=True)):
+        x = ids[:, f]
+        if m == 0:
+            out.append(state["weight_full"][full_off + x])
+            full_off += n
+            continue
+        er = state["weight_r"][r_off + x % m]
+        eq = state["weight_q"][q_off + x // m]
+        r_off += m
+        q_off += -(-n // m)
+        if operation == "concat":
+            out.append(np.concatenate([er, eq], -1))
+        else:
+            out.append(er * eq if operation == "mult" else er + eq)
+    return np.stack(out, 1)
+
+
+def test_budget_arithmetic_is_exact():
+    t = QRTable(fields=[Field("a", 3), Field("b", 10_000)], dim=4, budget=4_000)
+    # field a stays full (3 rows); field b: 194 remainder rows + ceil(10000/194) = 52 quotient rows
+    assert t.moduli == [0, 194] and t.q_rows == [52]
+    assert t.serving_bytes() == (3 + 194 + 52) * 4 * 4 + 2 * 8 == 4_000
+    # one more remainder row (195 + 52) no longer fits
+    assert (3 + 195 + 52) * 16 + 16 > 4_000
+    assert state_nbytes(t.serving_state()) == t.serving_bytes()
+
+
+@pytest.mark.parametrize("ratio", [2, 4, 10, 20])
+@pytest.mark.parametrize("operation", ["mult", "add", "concat"])
+def test_fits_budget_and_state_matches(ratio, operation):
+    t = QRTable(fields=_fields(), dim=8, budget=Ratio(ratio), operation=operation)
+    assert t.serving_bytes() == state_nbytes(t.serving_state()) <= t.full_bytes / ratio
+
+
+def test_more_budget_never_more_collisions():
+    prev = None
+    for ratio in (25, 20, 10, 5, 2):
+        t = QRTable(fields=_fields(), dim=8, budget=Ratio(ratio))
+        if prev is not None:
+            assert all(c <= p for c, p in zip(t.collisions, prev, strict=True))
+        prev = t.collisions
+    assert prev[0] == 1  # the tiny field is never compressed
+
+
+def test_small_fields_stay_uncompressed():
+    t = QRTable(fields=_fields(), dim=8, budget=Ratio(10))
+    assert t.moduli[0] == 0 and t.moduli[2] > 0
+    ids = torch.tensor([[0, 0, 0], [1, 5, 7], [2, 9, 4999]])
+    full_rows = t.weight_full.weight[ids[:, 0]]
+    assert torch.equal(t(ids)[:, 0], full_rows)
+
+
+def test_smallest_tables_near_sqrt_n():
+    floor = (100 + 100) * 8 * 4 + 8  # m = 100 remainder rows + 100 quotient rows + the modulus
+    assert plan_moduli([10_000], 8, "mult", floor) == [100]
+    with pytest.raises(BudgetError, match="qr: the smallest Q-R tables"):
+        plan_moduli([10_000], 8, "mult", floor - 1)
+
+
+@pytest.mark.parametrize("operation", ["mult", "add", "concat"])
+def test_every_id_keeps_a_unique_vector(operation):
+    torch.manual_seed(0)
+    t = QRTable(fields=[Field("a", 2000)], dim=4, budget=Ratio(20), operation=operation).eval()
+    assert t.collisions[0] > 1
+    with torch.no_grad():
+        out = t(torch.arange(2000).unsqueeze(1))[:, 0]
+    assert torch.unique(out, dim=0).shape[0] == 2000
+
+
+def test_complementary_partition_rows():
+    """Ids ``x`` and ``x + m`` share the remainder row; the ``m`` most frequent ids own theirs."""
+    t = QRTable(fields=[Field("a", 2000)], dim=4, budget=Ratio(20), operation="add").eval()
+    (m,) = t.moduli
+    with torch.no_grad():
+        t.weight_q.weight.zero_()
+        out = t(torch.arange(2000).unsqueeze(1))[:, 0]
+    assert torch.equal(out[:m], t.weight_r.weight)          # ids 0..m-1: one remainder row each
+    assert torch.equal(out[5], out[5 + m]) and torch.equal(out[7], out[7 + 2 * m])
+
+
+@pytest.mark.parametrize("operation", ["mult", "add", "concat"])
+@pytest.mark.parametrize("dim", [5, 8])
+def test_serving_state_reconstructs_lookups(operation, dim):
+    torch.manual_seed(1)
+    t = QRTable(fields=_fields(), dim=dim, budget=Ratio(8), operation=operation).eval()
+    assert 0 in t.moduli and any(t.moduli)
+    ids = np.stack([np.random.default_rng(f).integers(0, f_.num_embeddings, 64) for f, f_ in enumerate(t.fields)], 1)
+    with torch.no_grad():
+        expected = t(torch.from_numpy(ids)).numpy()
+    got = _numpy_lookup(t.serving_state(), [f.num_embeddings for f in t.fields], ids, operation)
+    np.testing.assert_array_equal(got, expected)
+    assert got.shape == (64, 3, dim)
+
+
+def test_mult_starts_as_remainder_rows():
+    torch.manual_seed(0)
+    t = QRTable(fields=[Field("a", 5000)], dim=8, budget=Ratio(10))
+    assert float(t.weight_q.weight.detach().mean()) == pytest.approx(1.0, abs=0.01)
+    assert float(t.weight_r.weight.detach().std()) == pytest.approx(0.01, rel=0.2)
+
+
+def test_sparse_gradients_reach_both_tables():
+    t = QRTable(fields=_fields(), dim=8, budget=Ratio(10))
+    t(torch.tensor([[0, 1, 2], [1, 2, 4000]])).sum().backward()
+    assert len(t.sparse_parameters()) == 3
+    for p in t.sparse_parameters():
+        assert p.grad is not None and p.grad.is_sparse
+
+
+def test_bad_hyper_parameters():
+    with pytest.raises(ValueError, match="operation must be one of"):
+        QRTable(fields=_fields(), dim=8, budget=Ratio(4), operation="max")
+    with pytest.raises(ValueError, match="needs dim >= 2"):
+        QRTable(fields=_fields(), dim=1, budget=Ratio(2), operation="concat")
+    with pytest.raises(BudgetError, match="budget allows 100"):
+        QRTable(fields=_fields(), dim=8, budget=100)
