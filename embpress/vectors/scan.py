@@ -1,0 +1,107 @@
+"""Compressed-domain scoring kernels: popcount Hamming distances, lookup-table scans, bit fields.
+
+These are the inner loops of the codecs' ``distances``: none of them decodes codes into float
+vectors. Shapes: nq queries, N codes, M sub-codes per vector, K entries per lookup table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_SCAN_ELEMS = 1 << 22  # temporaries per chunk, keeps memory bounded for big blocks
+
+
+def _as_words(codes: np.ndarray) -> np.ndarray:
+    """View (N, nbytes) uint8 codes as (N, W) uint64 words, zero-padding to a multiple of 8 bytes."""
+    n, nb = codes.shape
+    pad = (-nb) % 8
+    if pad:
+        codes = np.concatenate([codes, np.zeros((n, pad), dtype=np.uint8)], axis=1)
+    return np.ascontiguousarray(codes).view(np.uint64)
+
+
+def hamming(qcodes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Hamming distances between packed bit codes via XOR + popcount.
+
+    Args:
+        qcodes: (nq, nbytes) uint8 packed bits.
+        codes: (N, nbytes) uint8 packed bits.
+
+    Returns:
+        (nq, N) int32 numbers of differing bits.
+    """
+    qw, cw = _as_words(qcodes), _as_words(codes)
+    out = np.empty((qw.shape[0], cw.shape[0]), dtype=np.int32)
+    step = max(1, _SCAN_ELEMS // max(1, cw.shape[0] * cw.shape[1]))
+    for s in range(0, qw.shape[0], step):
+        x = np.bitwise_xor(qw[s : s + step, None, :], cw[None, :, :])
+        out[s : s + step] = np.bitwise_count(x).sum(axis=2, dtype=np.int32)
+    return out
+
+
+def lut_scan(luts: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Sum of per-sub-code table entries: ``out[q, n] = sum_m luts[q, m, idx[n, m]]`` (ADC scan).
+
+    Args:
+        luts: (nq, M, K) float32 lookup tables.
+        idx: (N, M) integer sub-codes in ``[0, K)``.
+
+    Returns:
+        (nq, N) float32.
+    """
+    nq, m_count, k = luts.shape
+    out = np.zeros((nq, idx.shape[0]), dtype=np.float32)
+    flat = luts.reshape(nq, m_count * k)
+    step = max(1, _SCAN_ELEMS // max(1, nq))
+    for s in range(0, idx.shape[0], step):
+        block = idx[s : s + step].astype(np.intp) + np.arange(m_count, dtype=np.intp) * k
+        acc = out[:, s : s + step]
+        for m in range(m_count):
+            acc += flat[:, block[:, m]]
+    return out
+
+
+def unpack_fields(codes: np.ndarray, nbits: int, count: int, offset_bits: int = 0) -> np.ndarray:
+    """Read ``count`` unsigned ``nbits``-bit fields per row from a little-endian bit stream.
+
+    This is FAISS's code layout (``BitstringWriter``/``PQEncoderGeneric``): field i occupies bits
+    ``offset_bits + i*nbits ...`` with the least significant bit first.
+
+    Args:
+        codes: (N, nbytes) uint8.
+
+    Returns:
+        (N, count) int64.
+    """
+    if nbits == 8 and offset_bits % 8 == 0:
+        s = offset_bits // 8
+        return codes[:, s : s + count].astype(np.int64)
+    bits = np.unpackbits(codes, axis=1, bitorder="little")
+    bits = bits[:, offset_bits : offset_bits + nbits * count].reshape(codes.shape[0], count, nbits)
+    weights = np.left_shift(np.int64(1), np.arange(nbits, dtype=np.int64))
+    return bits.astype(np.int64) @ weights
+
+
+def sign_bits(x: np.ndarray) -> np.ndarray:
+    """Pack the signs of (N, D) values into (N, ceil(D/8)) uint8 (bit 1 where value > 0, MSB first)."""
+    return np.packbits(x > 0, axis=1)
+
+
+def pm1_lut(q: np.ndarray) -> np.ndarray:
+    """Byte lookup tables for asymmetric scoring of a float query against packed ±1 codes.
+
+    ``lut[q, j, byte] = sum_k q[q, 8j+k] * (+1 if bit k of byte is set else -1)`` with np.packbits's
+    MSB-first order, so ``lut_scan(lut, codes)`` equals ``q @ decode_pm1(codes).T``.
+
+    Args:
+        q: (nq, D) float32.
+
+    Returns:
+        (nq, ceil(D/8), 256) float32.
+    """
+    nq, d = q.shape
+    nb = -(-d // 8)
+    qp = np.zeros((nq, nb * 8), dtype=np.float32)
+    qp[:, :d] = q
+    table = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.float32) * 2 - 1
+    return np.einsum("qjk,bk->qjb", qp.reshape(nq, nb, 8), table).astype(np.float32)
