@@ -1,0 +1,98 @@
+"""Deep Hash Embedding: dense hash encodings decoded by an MLP; no table, exact byte count of the network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embpress.tables import BudgetError, Field, Ratio, build_table
+from embpress.tables.hashing import PRIME
+
+
+def _mish(x: np.ndarray) -> np.ndarray:
+    return x * np.tanh(np.log1p(np.exp(x)))
+
+
+def _numpy_lookup(state: dict[str, np.ndarray], ids: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Serve lookups from the exported arrays alone (uniform encoding, batch norm folded)."""
+    g = (ids + state["field_offsets"]).astype(np.int64)[..., None]
+    h = ((state["hash_a"] * (g % PRIME) + state["hash_b"]) % PRIME) % num_buckets
+    x = (2 * h / (num_buckets - 1) - 1).reshape(-1, len(state["hash_a"]))
+    n = sum(k.startswith("weight") for k in state)
+    for i in range(n):
+        x = x @ state[f"weight{i}"].astype(np.float64).T + state[f"bias{i}"]
+        if i < n - 1:
+            x = _mish(x)
+    return x.reshape(*ids.shape, -1)
+
+
+def test_budget_arithmetic_and_largest_network(small_fields):
+    t = build_table("dhe", fields=small_fields, dim=8, budget=Ratio(4), layers=3)
+    k, h = t.num_inputs, t.hidden
+    weights = (k + 1) * h + 2 * (h + 1) * h + (h + 1) * 8
+    assert t.serving_bytes() == weights * 4 + (2 * k + 3) * 8 <= t.full_bytes // 4
+    assert k == h  # below k = 1024 the encoding is as wide as the hidden layers
+    assert t._bytes_for(h + 1) > t.max_bytes
+    assert t.flops_per_lookup() == k * h + 2 * h * h + h * 8
+
+
+def test_encoding_is_capped_at_num_hash_and_unique_per_field_and_id():
+    fields = [Field("user", 20_000), Field("item", 20_000)]
+    t = build_table("dhe", fields=fields, dim=16, budget=Ratio(2), num_hash=64)
+    assert t.num_inputs == 64 and t.hidden > 64
+    ids = torch.stack([torch.arange(20_000), torch.arange(20_000)], 1)
+    enc = t.encode(ids)
+    assert enc.shape == (20_000, 2, 64) and enc.min() >= -1 and enc.max() <= 1
+    flat = enc.reshape(-1, 64)
+    assert torch.unique(flat, dim=0).shape[0] == 40_000   # same id in two fields encodes differently
+    assert torch.equal(enc, t.encode(ids))                 # deterministic, nothing stored
+
+
+def test_gaussian_encoding_is_standard_normal():
+    t = build_table("dhe", fields=[Field("user", 50_000)], dim=8, budget=Ratio(2), num_hash=64,
+                    distribution="gaussian")
+    z = t.encode(torch.arange(50_000).reshape(-1, 1))
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+
+
+def test_folded_serving_state_reproduces_eval_forward(small_fields):
+    torch.manual_seed(0)
+    t = build_table("dhe", fields=small_fields, dim=8, budget=Ratio(4), layers=2)
+    opt = torch.optim.Adam(t.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # move the batch-norm statistics and weights away from their initial values
+        ids = torch.stack([torch.randint(0, f.num_embeddings, (64,), generator=gen) for f in small_fields], 1)
+        opt.zero_grad()
+        t(ids).square().mean().backward()
+        opt.step()
+    t.eval()
+    ids = torch.tensor([[0, 0, 0], [6, 299, 4999], [3, 17, 1234]])
+    expect = _numpy_lookup(t.serving_state(), ids.numpy(), t.num_buckets)
+    np.testing.assert_allclose(t(ids).detach().numpy(), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_without_batch_norm_and_single_id_in_training(small_fields):
+    t = build_table("dhe", fields=small_fields, dim=8, budget=Ratio(4), batch_norm=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in t.modules())
+    with_bn = build_table("dhe", fields=small_fields, dim=8, budget=Ratio(4))
+    assert with_bn.training and with_bn(torch.tensor([[1, 2, 3]])).shape == (1, 3, 8)
+    assert build_table("dhe", fields=[Field("a", 100)], dim=8, budget=Ratio(1))(torch.tensor([[5]])).shape == (1, 1, 8)
+
+
+def test_bad_hparams_and_budget(small_fields):
+    with pytest.raises(ValueError, match="distribution"):
+        build_table("dhe", fields=small_fields, dim=8, budget=Ratio(4), distribution="cauchy")
+    with pytest.raises(ValueError, match="layers"):
+        build_table("dhe", fields=small_fields, dim=8, budget=Ratio(4), layers=0)
+    with pytest.raises(BudgetError, match="smallest network"):
+        build_table("dhe", fields=small_fields, dim=8, budget=64)
+
+
+@pytest.mark.parametrize("ratio", [10, 100])
+def test_high_ratios_on_large_fields(ratio):
+    fields = [Field("user", 200_000), Field("item", 50_000), Field("site", 30)]
+    t = build_table("dhe", fields=fields, dim=16, budget=Ratio(ratio))
+    assert t.serving_bytes() <= t.full_bytes / ratio
+    assert t.hidden >= 64
+    assert t(torch.tensor([[199_999, 0, 29], [5, 6, 7]])).shape == (2, 3, 16)
