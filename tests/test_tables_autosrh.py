@@ -1,0 +1,93 @@
+"""AutoSrh invariants: frequency blocks, the budgeted greedy column selection, the stage wiring
+(bilevel search of alpha, frozen after the prune), and lookups reproduced from the block-column
+export alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embpress.models import build_model
+from embpress.tables import BudgetError, Field, Ratio, build_table
+from embpress.tables.autosrh import frequency_blocks
+from embpress.tables.base import state_nbytes
+from embpress.tables.sparse_storage import block_columns_decode
+
+
+def _fields() -> list[Field]:
+    c = (1e4 / np.arange(1, 601) ** 1.2).astype(np.int64) + 1
+    return [Field("a", 30, c[:30] * 3), Field("b", 600, c)]
+
+
+def test_frequency_blocks_are_equal_sized_ranges_with_ties_together():
+    fields = _fields()
+    b = frequency_blocks(fields, 6)
+    assert b.shape == (2, 7) and np.all(np.diff(b, axis=1) >= 0) and b[0, -1] == 30 and b[1, -1] == 600
+    sizes = (b[:, 1:] - b[:, :-1]).sum(0)
+    counts = np.concatenate([f.counts for f in fields])
+    assert sizes.sum() == 630 and sizes[:3].max() <= 105 + np.bincount(counts).max()
+    for f, row in zip(fields, b, strict=True):  # ids of equal count never straddle a bound
+        for x in row[1:-1]:
+            if 0 < x < f.num_embeddings:
+                assert f.counts[x - 1] != f.counts[x]
+    with pytest.raises(ValueError, match="descending training frequency"):
+        frequency_blocks([Field("z", 3, np.array([1, 5, 2]))], 2)
+
+
+def test_selection_fits_the_budget_and_follows_salience():
+    torch.manual_seed(0)
+    t = build_table("autosrh", fields=_fields(), dim=8, budget=Ratio(4))
+    assert t.serving_bytes() <= t.max_bytes and t.serving_bytes() == state_nbytes(t.serving_state())
+    sal = torch.rand(6, 8)
+    sal[5, 3] = 10.0  # the rarest block's dim 3 is most salient
+    kept = t._select(sal).numpy()
+    assert kept[5, 3]
+    cost = lambda k: t._bytes(k)  # noqa: E731
+    assert cost(kept) <= t.max_bytes
+    for b, d in zip(*np.nonzero(~kept), strict=True):  # nothing left out would still fit
+        more = kept.copy()
+        more[b, d] = True
+        assert cost(more) > t.max_bytes
+    with pytest.raises(BudgetError, match="block layout"):
+        build_table("autosrh", fields=_fields(), dim=8, budget=40)
+
+
+def test_prune_freezes_alpha_and_masks_columns():
+    torch.manual_seed(0)
+    t = build_table("autosrh", fields=_fields(), dim=8, budget=Ratio(4))
+    t.phase.fill_(1)
+    assert t.regularizer() is not None and t.arch_parameters() == [t.alpha]
+    with torch.no_grad():
+        t.weight.weight[t._block == 0] = 1.0  # the most frequent block carries large values...
+        t.alpha[0, :4] = 0.0  # ... but its alpha drops dims 0..3
+    t.prune_()
+    assert not t.kept[0, :4].any() and t.kept[0, 4:].all()
+    assert not t.alpha.requires_grad and t.regularizer() is None
+    out = t(torch.tensor([[0, 0]]))
+    assert torch.all(out[0, :, :4] == 0)
+
+
+def test_stages_in_the_trainer_then_served_lookups_match():
+    from embpress.data import SyntheticConfig, make_synthetic
+    from embpress.train import TrainConfig, train
+
+    data = make_synthetic(SyntheticConfig(rows=2000, num_dense=1, num_fields=2, min_cardinality=20,
+                                          max_cardinality=200, seed=3))
+    torch.manual_seed(0)
+    t = build_table("autosrh", fields=data.fields, dim=8, budget=Ratio(4), nsplit=4)
+    model = build_model("dlrm", table=t, num_dense=1, bottom=(8,), top=(8,))
+    res = train(model, data, TrainConfig(epochs=1, batch_size=128, progress=False, max_steps_per_epoch=6))
+    assert [s.name for s in res.stages] == ["warmup", "search", "retrain"]
+    assert int(t.phase) == 2 and not torch.all(t.alpha == 1)  # alpha moved on validation batches
+    assert t.alpha.min() >= 0 and t.alpha.max() <= 1
+    t.eval()
+    state = t.serving_state()
+    assert state_nbytes(state) == t.serving_bytes() <= t.max_bytes
+    for f in range(2):
+        ids = torch.arange(data.fields[f].num_embeddings)
+        full = torch.zeros(len(ids), 2, dtype=torch.long)
+        full[:, f] = ids
+        with torch.no_grad():
+            got = t(full)[:, f].numpy()
+        np.testing.assert_allclose(got, block_columns_decode(state, f, ids.numpy(), 8), rtol=1e-6)

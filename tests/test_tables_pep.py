@@ -1,0 +1,92 @@
+"""PEP invariants: the soft threshold, the prune to exactly the budget's nonzeros, the rewind to the
+original initialization, and the served CSR reproducing eval lookups after the stages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embpress.models import build_model
+from embpress.tables import BudgetError, Field, Ratio, build_table
+from embpress.tables.pep import GRANULARITIES
+from embpress.tables.sparse_storage import csr_bytes, csr_decode
+from embpress.train import TrainConfig, train
+
+
+def _fields() -> list[Field]:
+    return [Field("a", 20), Field("b", 400)]
+
+
+def test_nonzeros_fill_the_budget():
+    t = build_table("pep", fields=_fields(), dim=8, budget=Ratio(4))
+    n = 420
+    assert csr_bytes(n, 8, t.nnz_) <= t.max_bytes < csr_bytes(n, 8, t.nnz_ + 1)
+    assert t.serving_bytes() == csr_bytes(n, 8, t.nnz_)
+    with pytest.raises(BudgetError, match="one nonzero"):
+        build_table("pep", fields=_fields(), dim=8, budget=400)
+
+
+def test_soft_threshold():
+    torch.manual_seed(0)
+    t = build_table("pep", fields=_fields(), dim=4, budget=Ratio(2), granularity="global", threshold_init=0.0)
+    with torch.no_grad():
+        t.weight.weight[3] = torch.tensor([0.2, -0.7, 0.5, 1.5])
+    out = t(torch.tensor([[3, 0]]))[0, 0]  # g(0) = 0.5
+    assert torch.allclose(out, torch.tensor([0.0, -0.2, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_granularities_learn_thresholds(granularity):
+    torch.manual_seed(0)
+    t = build_table("pep", fields=_fields(), dim=4, budget=Ratio(2), granularity=granularity, threshold_init=-6.0)
+    t(torch.tensor([[1, 2], [3, 4]])).square().sum().backward()
+    th = t.threshold.weight if isinstance(t.threshold, torch.nn.Embedding) else t.threshold
+    g = th.grad.coalesce().values() if th.grad.is_sparse else th.grad
+    assert g.abs().sum() > 0
+
+
+def test_prune_keeps_the_widest_margins_and_rewind_restores_the_initialization():
+    torch.manual_seed(0)
+    t = build_table("pep", fields=_fields(), dim=8, budget=Ratio(4))
+    init = t.weight.weight.detach().clone()
+    with torch.no_grad():
+        t.weight.weight.mul_(torch.rand_like(init) * 10)  # "training"
+        t.threshold.weight.uniform_(-6, -2)
+    margins = t.margins()
+    t.prune_()
+    assert int(t.mask.sum()) == t.nnz_
+    assert margins[t.mask].min() >= margins[~t.mask].max()
+    rng = torch.get_rng_state()
+    t.rewind_()
+    assert torch.equal(t.weight.weight, init) and torch.equal(torch.get_rng_state(), rng)
+    assert not t.threshold.weight.requires_grad
+    out = t(torch.tensor([[1, 5]]))
+    assert torch.equal(out, (init[[1, 25]] * t.mask[[1, 25]]).unsqueeze(0))
+
+
+def _data():
+    from embpress.data import SyntheticConfig, make_synthetic
+
+    return make_synthetic(SyntheticConfig(rows=2000, num_dense=1, num_fields=2, min_cardinality=20,
+                                          max_cardinality=200, seed=3))
+
+
+def test_stages_in_the_trainer_then_served_lookups_match():
+    data = _data()
+    torch.manual_seed(0)
+    t = build_table("pep", fields=data.fields, dim=8, budget=Ratio(4), threshold_init=-4.0)
+    model = build_model("dlrm", table=t, num_dense=1, bottom=(8,), top=(8,))
+    head0 = {k: v.clone() for k, v in model.head_state().items()}
+    res = train(model, data, TrainConfig(epochs=1, batch_size=128, progress=False, max_steps_per_epoch=6))
+    assert [s.name for s in res.stages] == ["search", "retrain"]
+    assert bool(t.pruned) and int(t.mask.sum()) == t.nnz_
+    assert not any(torch.equal(v, head0[k]) for k, v in model.head_state().items() if v.is_floating_point())
+    ids = torch.stack([torch.arange(20), torch.arange(180, 200)], 1)
+    t.eval()
+    with torch.no_grad():
+        got = t(ids).numpy()
+    state = t.serving_state()
+    rows = ids.numpy() + np.array([0, 20])
+    want = csr_decode(state, rows.reshape(-1), 8).reshape(20, 2, 8)
+    np.testing.assert_array_equal(got, want)
