@@ -15,8 +15,8 @@ METHODS = registered_tables()
 COMPRESSED = [m for m in METHODS if not table_class(m).reference]
 
 # Most methods are checked at 4x. Quantizers reach at most 4x (less at small dims).
-CONTRACT_RATIO = {"int8": 2.0}
-LEARN_RATIO = {"int8": 2.0}
+CONTRACT_RATIO = {"int8": 2.0, "int16": 1.3, "int8-qat": 3.9, "int16-qat": 1.9}
+LEARN_RATIO = {"int8": 2.0, "int16": 1.3, "int8-qat": 3.9, "int16-qat": 1.9}
 
 
 def _build(method, fields, dim=8, ratio=None, seed=0):
@@ -102,20 +102,30 @@ def test_embedding_dropin():
     assert emb.serving_bytes() <= 1000 * 8 * 4 / 10
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_learns_tiny_ctr_task(method, tiny_ctr):
+def _learn(method, data):
+    torch.manual_seed(0)
+    budget = None if table_class(method).reference else Ratio(LEARN_RATIO.get(method, 4.0))
+    table = build_table(method, fields=data.fields, dim=8, budget=budget)
+    model = build_model("dlrm", table=table, num_dense=data.num_dense, bottom=(16,), top=(32,))
+    res = train(model, data, TrainConfig(epochs=3, batch_size=256, lr=3e-3, sparse_lr=3e-3,
+                                         progress=False, patience=2))
+    # the reported test AUC is the AUC of the model as it stands after the last stage
+    assert res.test_auc == pytest.approx(evaluate(model, data.test)[0])
+    return res.test_auc
+
+
+@pytest.fixture(scope="module")
+def noid_auc(tiny_ctr):
+    return _learn("noid", tiny_ctr)
+
+
+def test_noid_floor_is_informative(noid_auc):
+    # dense features carry a little signal, per-id effects carry most of it
+    assert 0.4 < noid_auc < 0.7
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "noid"])
+def test_learns_tiny_ctr_task(method, tiny_ctr, noid_auc):
     """Every method must beat the no-id floor on a task whose signal sits in per-id effects."""
-    aucs = {}
-    for m in ("noid", method):
-        torch.manual_seed(0)
-        budget = None if table_class(m).reference else Ratio(LEARN_RATIO.get(m, 4.0))
-        table = build_table(m, fields=tiny_ctr.fields, dim=8, budget=budget)
-        model = build_model("dlrm", table=table, num_dense=tiny_ctr.num_dense, bottom=(16,), top=(32,))
-        res = train(model, tiny_ctr, TrainConfig(epochs=3, batch_size=256, lr=3e-3, sparse_lr=3e-3,
-                                                 progress=False, patience=2))
-        assert res.test_auc == pytest.approx(evaluate(model, tiny_ctr.test)[0])
-        aucs[m] = res.test_auc
-    if method == "noid":
-        assert aucs["noid"] > 0.5
-    else:
-        assert aucs[method] > aucs["noid"] + 0.03, aucs
+    auc = _learn(method, tiny_ctr)
+    assert auc > noid_auc + 0.03, (method, auc, noid_auc)

@@ -6,6 +6,10 @@
 True
 """
 
+from embpress.tables.adapt import AdaptiveEmbedding
+from embpress.tables.alpt import ALPTTable
+from embpress.tables.autodim import AutoDimTable
+from embpress.tables.autosrh import AutoSrhTable
 from embpress.tables.base import (
     Budget,
     BudgetError,
@@ -22,11 +26,33 @@ from embpress.tables.base import (
     registered_tables,
     table_class,
 )
+from embpress.tables.dedup import DedupTable
+from embpress.tables.deeplight import DeepLightTable
+from embpress.tables.dhash import DoubleHashTable
+from embpress.tables.dhe import DeepHashEmbedding
+from embpress.tables.dnis import DNISTable
+from embpress.tables.dpq import DPQTable
 from embpress.tables.full import FullTable, NoIdTable
 from embpress.tables.hash import HashTable
+from embpress.tables.mde import MDETable
+from embpress.tables.mgqe import MGQETable
+from embpress.tables.optembed import OptEmbedTable
+from embpress.tables.pep import PEPTable
+from embpress.tables.qat import Int8QATTable, Int16QATTable
+from embpress.tables.qr import QRTable
+from embpress.tables.quant import Int8Table, Int16Table, PostTrainingQuantized
+from embpress.tables.robe import RobeTable
+from embpress.tables.tt import TTTable
+from embpress.tables.unified import UnifiedTable
 
 __all__ = [
     "Budget", "BudgetError", "CompressedTable", "Embedding", "Field", "FullTable", "HashTable",
     "NoIdTable", "Ratio", "Stage", "StageContext", "build_table", "full_table_bytes", "parse_budget",
     "register_table", "registered_tables", "table_class",
+    "QRTable", "UnifiedTable", "PostTrainingQuantized", "Int8Table", "Int16Table",
+    "TTTable",
+    "MGQETable", "DedupTable",
+    "AdaptiveEmbedding", "DoubleHashTable", "DeepHashEmbedding", "RobeTable",
+    "Int8QATTable", "Int16QATTable", "ALPTTable", "DPQTable", "PEPTable", "DeepLightTable", "AutoSrhTable",
+    "MDETable", "AutoDimTable", "DNISTable", "OptEmbedTable",
 ]
