@@ -115,7 +115,7 @@ class _Optimizers:
         if sparse:
             self.opts.append(torch.optim.SparseAdam(sparse, lr=cfg.sparse_lr))
         if dense:
-            self.opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
+            self.opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True))
         arch_params = [p for p in table.arch_parameters() if p.requires_grad]
         self.arch = torch.optim.Adam(arch_params, lr=cfg.arch_lr) if arch_params else None
 
