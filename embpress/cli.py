@@ -10,7 +10,7 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compressed embedding tables and corpus vectors, with an honest benchmark.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 QUICK_DATASET = "synthetic:rows=200000"
 DEFAULT_DATASET = "synthetic"

@@ -136,3 +136,129 @@ def test_bad_hyper_parameters():
         QRTable(fields=_fields(), dim=1, budget=Ratio(2), operation="concat")
     with pytest.raises(BudgetError, match="budget allows 100"):
         QRTable(fields=_fields(), dim=8, budget=100)
+
+
+# ----------------------------------------------------------------------------- k >= 3 partitions
+
+
+def _numpy_lookup_radices(state: dict[str, np.ndarray], sizes: list[int], ids: np.ndarray,
+                          operation: str) -> np.ndarray:
+    """Lookups from a ``radices`` serving state alone (fields with any number of partitions)."""
+    radices = state["radices"]
+    off: dict[str, int] = {}
+    out = []
+    for f, row in enumerate(radices):
+        x = ids[:, f]
+        rad = [int(r) for r in row if r]
+        k = len(rad)
+        if k == 0:
+            out.append(state["weight_full"][off.get("full", 0) + x])
+            off["full"] = off.get("full", 0) + sizes[f]
+            continue
+        names = ["weight_q", "weight_r"] if k == 2 else [f"weight_p{k}_{j}" for j in range(k)]
+        strides = [int(np.prod(rad[j + 1:])) for j in range(k)]
+        vecs = []
+        for j, name in enumerate(names):
+            digit = x // strides[j] if j == 0 else (x // strides[j]) % rad[j]
+            vecs.append(state[name][off.get(name, 0) + digit])
+            off[name] = off.get(name, 0) + rad[j]
+        vecs = vecs[::-1]  # remainder first
+        if operation == "concat":
+            out.append(np.concatenate(vecs, -1))
+        else:
+            acc = vecs[0]
+            for v in vecs[1:]:
+                acc = acc * v if operation == "mult" else acc + v
+            out.append(acc)
+    return np.stack(out, 1)
+
+
+def _digits(radices: tuple[int, ...], x: np.ndarray) -> np.ndarray:
+    strides = [int(np.prod(radices[j + 1:])) for j in range(len(radices))]
+    return np.stack([x // s if j == 0 else (x // s) % r for j, (s, r) in enumerate(zip(strides, radices, strict=True))], 1)
+
+
+def _three_part_fields():
+    return [Field("tiny", 3), Field("a", 5000), Field("b", 11_000)]
+
+
+def test_three_partitions_meet_a_budget_two_cannot():
+    fields = [Field("a", 5000), Field("b", 11_000)]
+    with pytest.raises(BudgetError):
+        QRTable(fields=fields, dim=16, budget=Ratio(100), max_partitions=2)
+    t = QRTable(fields=fields, dim=16, budget=Ratio(100))
+    assert t.partitions == [3, 3]
+    assert all(np.prod(r) >= f.num_embeddings for r, f in zip(t.radices, fields, strict=True))
+    assert t.serving_bytes() == state_nbytes(t.serving_state()) <= t.full_bytes / 100
+    assert t.serving_state()["radices"].dtype == np.int64
+
+
+def test_fewest_partitions_largest_first():
+    # a budget between "all two-partition" and "all three-partition": only the largest field moves
+    fields = [Field("a", 5000), Field("b", 11_000)]
+    t = QRTable(fields=fields, dim=16, budget=16_000)
+    assert t.partitions == [2, 3]
+    state = t.serving_state()
+    assert set(state) == {"weight_r", "weight_q", "weight_p3_0", "weight_p3_1", "weight_p3_2", "radices"}
+    assert state["radices"][0, 0] == 0 and state["radices"][0, 2] == t.moduli[0]
+    assert t.serving_bytes() == state_nbytes(state) <= 16_000
+    # the two-partition case keeps its state layout
+    assert set(QRTable(fields=fields, dim=16, budget=Ratio(10)).serving_state()) == {"weight_r", "weight_q", "moduli"}
+
+
+@pytest.mark.parametrize("operation", ["mult", "add", "concat"])
+@pytest.mark.parametrize("dim", [7, 16])
+def test_three_partition_state_reconstructs_lookups(operation, dim):
+    torch.manual_seed(2)
+    fields = _three_part_fields()
+    t = QRTable(fields=fields, dim=dim, budget=Ratio(100), operation=operation).eval()
+    assert 3 in t.partitions and 0 in t.partitions
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.integers(0, f.num_embeddings, 128) for f in fields], 1)
+    ids[0] = [f.num_embeddings - 1 for f in fields]
+    with torch.no_grad():
+        expected = t(torch.from_numpy(ids)).numpy()
+    state = t.serving_state()
+    assert t.serving_bytes() == state_nbytes(state)
+    got = _numpy_lookup_radices(state, [f.num_embeddings for f in fields], ids, operation)
+    np.testing.assert_array_equal(got, expected)
+    assert got.shape == (128, 3, dim)
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_partitions_are_complementary(k):
+    fields = [Field("a", 11_000)]
+    # at 1/3 of the smallest three-partition bytes, four partitions are needed
+    budget = 2_000 if k == 3 else 1_000
+    t = QRTable(fields=fields, dim=4, budget=budget, max_partitions=4)
+    assert t.partitions == [k]
+    x = np.arange(11_000)
+    digits = _digits(t.radices[0], x)
+    assert (digits < np.asarray(t.radices[0])).all()
+    assert np.unique(digits, axis=0).shape[0] == 11_000
+    # the most frequent ids each own a row of the last (remainder) digit
+    assert np.unique(digits[: t.radices[0][-1], -1]).shape[0] == t.radices[0][-1]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = t.eval()(torch.from_numpy(x).unsqueeze(1))[:, 0]
+    assert torch.unique(out, dim=0).shape[0] == 11_000
+
+
+def test_mult_extra_partitions_start_like_quotient():
+    torch.manual_seed(0)
+    t = QRTable(fields=[Field("a", 11_000)], dim=16, budget=Ratio(100))
+    w = {name: e.weight.detach() for name, e in t.weight_multi.items()}
+    assert float(w["p3_0"].mean()) == pytest.approx(1.0, abs=0.01)
+    assert float(w["p3_1"].mean()) == pytest.approx(1.0, abs=0.01)
+    assert float(w["p3_2"].mean()) == pytest.approx(0.0, abs=0.01)
+    assert len(t.sparse_parameters()) == 3
+
+
+def test_budget_error_at_max_partitions():
+    fields = [Field("a", 5000), Field("b", 11_000)]
+    with pytest.raises(BudgetError, match="up to 3 complementary partitions"):
+        QRTable(fields=fields, dim=16, budget=Ratio(200), max_partitions=3)
+    t = QRTable(fields=fields, dim=16, budget=Ratio(200))  # default: up to 4
+    assert max(t.partitions) > 3 and t.serving_bytes() <= t.full_bytes / 200
+    with pytest.raises(ValueError, match="max_partitions"):
+        QRTable(fields=fields, dim=16, budget=Ratio(10), max_partitions=1)

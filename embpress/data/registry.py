@@ -90,7 +90,7 @@ def load_dataset(spec: str, *, cache_dir: str | Path | None = None, min_count: i
     Examples:
         >>> ds = load_dataset("synthetic:rows=1000,num_fields=3,max_cardinality=50", progress=False)
         >>> len(ds.train), len(ds.fields), ds.fields[0].num_embeddings
-        (800, 3, 10)
+        (800, 3, 11)
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}; formats: {dataset_formats()}")

@@ -5,6 +5,9 @@ probability is ``sigmoid(b + w·dense + sum_f beta_f[id_f] + sum_{f<g in P} <z_f
 first-order per-id effects ``beta`` and second-order latent vectors ``z`` on a subset ``P`` of
 fields. A model can only recover these through per-id embeddings, so hash collisions and low
 precision cost measurable AUC, and a model without per-id embeddings is clearly worse.
+``max_cardinality`` is the size of the raw value space (as Criteo's raw cardinalities); the
+vocabulary is then built on the training split with ``min_count`` like any real log, so a field's
+``num_embeddings`` is the number of values seen at least ``min_count`` times, plus one OOV id.
 Deterministic from the seed; a million rows in a few seconds.
 """
 
@@ -34,6 +37,7 @@ class SyntheticConfig:
     second_order_std: float = 0.6
     dense_std: float = 0.25
     positive_rate: float = 0.25
+    min_count: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -48,6 +52,8 @@ class SyntheticConfig:
             raise ValueError("synthetic: need num_fields >= 1 and num_dense >= 0")
         if not 0 < self.positive_rate < 1:
             raise ValueError(f"synthetic: positive_rate must be in (0, 1), got {self.positive_rate}")
+        if self.min_count < 1:
+            raise ValueError(f"synthetic: min_count must be >= 1, got {self.min_count}")
         if self.zipf <= 0:
             raise ValueError(f"synthetic: zipf exponent must be > 0, got {self.zipf}")
 
@@ -117,13 +123,18 @@ def make_synthetic(config: SyntheticConfig | None = None) -> CTRDataset:
     logit += _calibrated_bias(logit, cfg.positive_rate)
     label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
 
+    # The same preprocessing as real logs: a vocabulary built on the training split, ids by
+    # descending training count, values seen fewer than min_count times share one OOV id (the last).
     n_train, n_valid = int(n * 0.8), int(n * 0.1)
     sparse = np.empty((n, F), dtype=np.int32)
     fields = []
     for f, card in enumerate(cards):
         remap, counts = frequency_order(raw[:n_train, f], card)
+        kept = int((counts >= cfg.min_count).sum())
+        remap = np.minimum(remap, kept)  # every rare or unseen value -> OOV id `kept`
+        field_counts = np.append(counts[:kept], counts[kept:].sum())
         sparse[:, f] = remap[raw[:, f]]
-        fields.append(Field(f"C{f + 1}", card, counts))
+        fields.append(Field(f"C{f + 1}", kept + 1, field_counts))
     tr, va = slice(0, n_train), slice(n_train, n_train + n_valid)
     te = slice(n_train + n_valid, n)
     return CTRDataset(
