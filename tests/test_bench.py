@@ -60,9 +60,11 @@ def test_run_records_resume_and_report(tmp_path, tiny_data):
     assert {(r["method"], r["ratio"]) for r in unreachable} == {("hash", 100_000.0)}
     assert "budget" in unreachable[0]["reason"]
 
-    # a second run skips every recorded trial and does not load the data
+    # a second run trains nothing: ok trials are skipped, the unreachable one is re-checked (no
+    # training) and, with the same verdict, not recorded again
     again = run_bench(cfg, tmp_path, load=load, log=lambda m: None)
-    assert again.ran == 0 and again.skipped == 8 and loads == ["tiny"]
+    assert again.ran == 0 and again.skipped == 8 and loads == ["tiny", "tiny"]
+    assert len(read_records(tmp_path / "results.jsonl")) == 8
 
     md, png = write_report(tmp_path)
     text = md.read_text()

@@ -324,7 +324,7 @@ def _candidate_edges(x, proj, alive, width, shift, tables, hashes, last, valid_l
         for off in range(1, min(_WINDOW, n - 1) + 1):
             same = sb[off:] == sb[:-off]
             pairs.append((order[:-off][same], order[off:][same]))
-    if not pairs:
+    if not pairs or not sum(len(p[0]) for p in pairs):  # no two blocks share a bucket
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     i = np.concatenate([p[0] for p in pairs]).astype(np.int64)
     j = np.concatenate([p[1] for p in pairs]).astype(np.int64)
