@@ -42,7 +42,14 @@ def bench(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run methods x ratios x seeds on datasets, append records, then write report.md and pareto.png."""
-    from embpress.bench.ctr import DEFAULT_METHODS, DEFAULT_RATIOS, BenchConfig, parse_list, resolve_methods, run_bench
+    from embpress.bench.ctr import (
+        DEFAULT_METHODS,
+        DEFAULT_RATIOS,
+        BenchConfig,
+        parse_list,
+        resolve_methods,
+        run_bench,
+    )
     from embpress.bench.report import write_report
     from embpress.data.registry import load_dataset
 

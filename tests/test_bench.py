@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from embpress.bench.ctr import BenchConfig, plan_trials, run_bench
 from embpress.bench.records import append_record, read_records
-from embpress.bench.report import recommend, aggregate, render_markdown, write_report
+from embpress.bench.report import aggregate, recommend, render_markdown, write_report
 from embpress.cli import app
 from embpress.data import SyntheticConfig, make_synthetic
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from embpress.bench.records import append_record, read_records, record_key, recorded_keys, provenance
+from embpress.bench.records import append_record, provenance, read_records, record_key, recorded_keys
 from embpress.data.schema import CTRDataset
 from embpress.models import build_model
 from embpress.tables import BudgetError, Ratio, build_table, table_class

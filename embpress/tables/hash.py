@@ -8,7 +8,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from embpress.tables.base import FP32_BYTES, Budget, BudgetError, CompressedTable, Field, register_table, to_numpy
+from embpress.tables.base import (
+    FP32_BYTES,
+    Budget,
+    BudgetError,
+    CompressedTable,
+    Field,
+    register_table,
+    to_numpy,
+)
 from embpress.tables.full import INIT_STD
 from embpress.tables.hashing import allocate_rows, hash_coefficients, universal_hash
 
