@@ -56,7 +56,7 @@ def _faiss_notes(rs: Sequence[dict[str, Any]]) -> list[str]:
     if metric in ("ip", "cosine") and any(k.startswith("PCA") for k in keys):
         notes.append("FAISS `PCA…` pre-transforms centre the query as well as the corpus, which changes "
                      "inner-product rankings; embpress's `pca` scores queries against the decoded vectors. "
-                     "Their recalls are not expected to match under IP.")
+                     "Their recalls can differ under IP when the data mean is far from zero.")
     if any(k.startswith("LSH") for k in keys):
         notes.append("`rbin{B}` vs FAISS `LSH{B}rt`: both take signs of random rotations, but FAISS "
                      "thresholds at per-bit medians where embpress centres by the mean: close, not identical.")
