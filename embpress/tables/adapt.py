@@ -11,14 +11,13 @@ from torch import nn
 from embpress.tables.base import (
     FP32_BYTES,
     Budget,
-    BudgetError,
     CompressedTable,
     Field,
     register_table,
     to_numpy,
 )
 from embpress.tables.full import INIT_STD
-from embpress.tables.hashing import allocate_rows, hash_coefficients, universal_hash
+from embpress.tables.hashing import hash_coefficients, rows_within_budget, universal_hash
 
 INT32_BYTES = 4
 INT64_BYTES = 8
@@ -84,18 +83,13 @@ class AdaptiveEmbedding(CompressedTable):
         big = [f.name for f in self.fields if f.num_embeddings > INT32_MAX]
         if big:
             raise ValueError(f"adapt: fields {big} have more ids than int32 remap entries can hold")
-        overhead = PER_FIELD_INTS * INT64_BYTES * self.num_fields
         row_bytes = dim * FP32_BYTES
-        units = (self.max_bytes - overhead) // row_bytes
-        if units < self.num_fields:
-            raise BudgetError(
-                f"adapt: budget {self.max_bytes:,} bytes is below one row per field "
-                f"({self.num_fields * row_bytes + overhead:,} bytes with the hash coefficients)"
-            )
         sizes = [f.num_embeddings for f in self.fields]
         self.capacity: list[int] = []
         self.shared_rows: list[int] = []
-        for n, r in zip(sizes, allocate_rows(sizes, int(units)), strict=True):
+        rows = rows_within_budget("adapt", sizes, row_bytes=row_bytes, max_bytes=self.max_bytes,
+                                  overhead=PER_FIELD_INTS * INT64_BYTES * self.num_fields)
+        for n, r in zip(sizes, rows, strict=True):
             if r >= n:
                 self.capacity.append(n)
                 self.shared_rows.append(0)

@@ -11,14 +11,13 @@ from torch import nn
 from embpress.tables.base import (
     FP32_BYTES,
     Budget,
-    BudgetError,
     CompressedTable,
     Field,
     register_table,
     to_numpy,
 )
 from embpress.tables.full import INIT_STD
-from embpress.tables.hashing import allocate_rows, hash_coefficients, universal_hash
+from embpress.tables.hashing import hash_coefficients, rows_within_budget, universal_hash
 
 INT64_BYTES = 8
 PER_FIELD_INTS = 6
@@ -70,17 +69,12 @@ class DoubleHashTable(CompressedTable):
             raise ValueError(f"dhash: combine='concat' needs an even dim (two halves), got dim={dim}")
         self.hashed_dim = dim if combine == "sum" else dim // 2
         per_row = 2 if combine == "concat" else 1  # hashed rows per D-wide row of budget
-        overhead = PER_FIELD_INTS * INT64_BYTES * self.num_fields
-        units = (self.max_bytes - overhead) // (dim * FP32_BYTES)
-        if units < self.num_fields:
-            raise BudgetError(
-                f"dhash: budget {self.max_bytes:,} bytes is below one row per field "
-                f"({self.num_fields * dim * FP32_BYTES + overhead:,} bytes with the hash coefficients)"
-            )
         sizes = [f.num_embeddings for f in self.fields]
         self.frequent: list[int] = []
         self.hashed: list[int] = []
-        for n, r in zip(sizes, allocate_rows(sizes, int(units)), strict=True):
+        rows = rows_within_budget("dhash", sizes, row_bytes=dim * FP32_BYTES, max_bytes=self.max_bytes,
+                                  overhead=PER_FIELD_INTS * INT64_BYTES * self.num_fields)
+        for n, r in zip(sizes, rows, strict=True):
             if r >= n:  # the whole field fits: one row per id, nothing hashed
                 self.frequent.append(n)
                 self.hashed.append(0)

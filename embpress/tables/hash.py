@@ -11,14 +11,13 @@ from torch import nn
 from embpress.tables.base import (
     FP32_BYTES,
     Budget,
-    BudgetError,
     CompressedTable,
     Field,
     register_table,
     to_numpy,
 )
 from embpress.tables.full import INIT_STD
-from embpress.tables.hashing import allocate_rows, hash_coefficients, universal_hash
+from embpress.tables.hashing import hash_coefficients, rows_within_budget, universal_hash
 
 HASH_PARAM_BYTES = 3 * 8
 """Per field: hash coefficients a, b and the bucket count, int64 each."""
@@ -42,14 +41,8 @@ class HashTable(CompressedTable):
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, hash_seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)
         self.hash_seed = hash_seed
-        overhead = HASH_PARAM_BYTES * self.num_fields
-        total_rows = (self.max_bytes - overhead) // (dim * FP32_BYTES)
-        if total_rows < self.num_fields:
-            raise BudgetError(
-                f"hash: budget {self.max_bytes:,} bytes is below one row per field "
-                f"({self.num_fields * dim * FP32_BYTES + overhead:,} bytes)"
-            )
-        self.rows = allocate_rows([f.num_embeddings for f in self.fields], int(total_rows))
+        self.rows = rows_within_budget("hash", [f.num_embeddings for f in self.fields], row_bytes=dim * FP32_BYTES,
+                                       max_bytes=self.max_bytes, overhead=HASH_PARAM_BYTES * self.num_fields)
         a, b = hash_coefficients(self.num_fields, hash_seed)
         rows = torch.tensor(self.rows, dtype=torch.long)
         hashed = torch.tensor([r < f.num_embeddings for r, f in zip(self.rows, self.fields, strict=True)])

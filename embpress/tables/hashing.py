@@ -27,6 +27,22 @@ def universal_hash(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, buckets: t
     return ((a * (x % PRIME) + b) % PRIME) % buckets
 
 
+def rows_within_budget(method: str, sizes: Sequence[int], *, row_bytes: int, max_bytes: int,
+                       overhead: int) -> list[int]:
+    """Rows per field for a budget of ``max_bytes``: ``overhead`` bytes first, then rows of ``row_bytes``
+    split by :func:`allocate_rows`. Raises ``BudgetError`` below one row per field.
+    """
+    from embpress.tables.base import BudgetError
+
+    units = (max_bytes - overhead) // row_bytes
+    if units < len(sizes):
+        raise BudgetError(
+            f"{method}: budget {max_bytes:,} bytes is below one row per field "
+            f"({len(sizes) * row_bytes + overhead:,} bytes with the hash coefficients)"
+        )
+    return allocate_rows(sizes, int(units))
+
+
 def allocate_rows(sizes: Sequence[int], total: int) -> list[int]:
     """Split ``total`` rows across fields with one common cap: ``rows_i = min(size_i, cap)``.
 
