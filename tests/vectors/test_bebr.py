@@ -6,33 +6,13 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from embpress.vectors import BEBRCodec, Metric, build_codec, code_size, codec_from_state
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    prev_torch, prev_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(prev_torch)
-    faiss.omp_set_num_threads(prev_faiss)
-
-
-def clustered(n: int, d: int, *, seed: int, clusters: int = 30, latent: int = 12) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, latent))
-    z = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, latent))
-    x = z @ (rng.standard_normal((latent, d)) / np.sqrt(latent)) + 0.15 * rng.standard_normal((n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
-def data():
-    x = clustered(1700, 32, seed=0)
+def data(make_clustered):
+    x = make_clustered(1700, 32, seed=0, clusters=30, spread=0.6, noise=0.15, scaled=True)
     xb, xq = x[:1500], x[1500:]
     _, gt = faiss.knn(xq, xb, 10, faiss.METRIC_INNER_PRODUCT)
     return xb, xq, gt

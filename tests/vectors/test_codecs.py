@@ -7,8 +7,6 @@ import re
 import faiss
 import numpy as np
 import pytest
-import torch
-from threadpoolctl import threadpool_limits
 
 from embpress.vectors import (
     Metric,
@@ -31,30 +29,11 @@ METRICS = [Metric.L2, Metric.IP, Metric.COSINE]
 EXACT_PREFIXES = ("fp16", "sq", "pq", "opq", "rq", "pca", "mrl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Keep BLAS, FAISS and torch on one thread: the test machine is shared."""
-    prev_torch, prev_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(prev_torch)
-    faiss.omp_set_num_threads(prev_faiss)
-
-
-def clustered(n: int, d: int, *, seed: int, clusters: int = 20, latent: int = 12) -> np.ndarray:
-    """Seeded unit vectors in Gaussian clusters of a latent subspace."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, latent))
-    z = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, latent))
-    x = z @ rng.standard_normal((latent, d)) + 0.1 * rng.standard_normal((n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
-def synth() -> dict[str, np.ndarray]:
-    x = clustered(1224, D, seed=1338)
+def synth(make_clustered) -> dict[str, np.ndarray]:
+    x = make_clustered(1224, D, seed=1338)
     return {"train": x[:1200], "query": x[1200:]}
 
 
@@ -281,8 +260,8 @@ def test_fp16_is_near_lossless(synth):
 
 # ---------------------------------------------------------------------------------------- FAISS equivalence
 @pytest.fixture(scope="module")
-def big():
-    x = clustered(5100, D, seed=7, clusters=50)
+def big(make_clustered):
+    x = make_clustered(5100, D, seed=7, clusters=50)
     xb, xq = x[:5000], x[5000:]
     _, gt = faiss.knn(xq, xb, 10)
     return xb, xq, gt
