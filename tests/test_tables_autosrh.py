@@ -91,3 +91,21 @@ def test_stages_in_the_trainer_then_served_lookups_match():
         with torch.no_grad():
             got = t(full)[:, f].numpy()
         np.testing.assert_allclose(got, block_columns_decode(state, f, ids.numpy(), 8), rtol=1e-6)
+
+
+def test_budget_without_a_column_for_the_most_frequent_block_is_unreachable():
+    # 90 ids tied at count 5 form block 0; the 10 rare ids form block 1. A budget that holds a column
+    # of the small rare block but not of the frequent one would serve zeros for 90% of the ids.
+    fields = [Field("a", 100, np.array([5] * 90 + [1] * 10))]
+    probe = build_table("autosrh", fields=fields, dim=8, budget=None, nsplit=2)
+    assert probe.block_rows_.tolist() == [90, 10]
+    rare_only = np.zeros((2, 8), dtype=bool)
+    rare_only[1, 0] = True
+    frequent = np.zeros((2, 8), dtype=bool)
+    frequent[0, 0] = True
+    budget = probe._bytes(rare_only)
+    assert budget < probe._bytes(frequent)
+    with pytest.raises(BudgetError, match="most frequent block"):
+        build_table("autosrh", fields=fields, dim=8, budget=budget, nsplit=2)
+    ok = build_table("autosrh", fields=fields, dim=8, budget=probe._bytes(frequent), nsplit=2)
+    assert ok.serving_bytes() <= ok.max_bytes

@@ -96,3 +96,21 @@ def test_high_ratios_on_large_fields(ratio):
     assert t.serving_bytes() <= t.full_bytes / ratio
     assert t.hidden >= 64
     assert t(torch.tensor([[199_999, 0, 29], [5, 6, 7]])).shape == (2, 3, 16)
+
+
+def test_lookup_of_distinct_ids_matches_the_plain_decoder_in_training(small_fields):
+    """Encoding and first Linear run once per distinct id; BatchNorm still sees every occurrence."""
+    import copy
+
+    torch.manual_seed(0)
+    t = build_table("dhe", fields=small_fields, dim=4, budget=Ratio(2), num_hash=32, layers=2)
+    ref = copy.deepcopy(t)
+    ids = torch.tensor([[0, 1, 2], [0, 1, 2], [3, 1, 0], [0, 2, 2]])  # repeated ids
+    t.train(), ref.train()
+    got = t(ids)
+    want = ref.mlp(ref.encode(ids).reshape(-1, ref.num_inputs)).reshape(*ids.shape, 4)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(t.mlp[1].running_mean, ref.mlp[1].running_mean)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(t.mlp[0].weight.grad, ref.mlp[0].weight.grad)

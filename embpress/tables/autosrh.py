@@ -111,11 +111,17 @@ class AutoSrhTable(CompressedTable):
         self.block_rows_ = (self.bounds_[:, 1:] - self.bounds_[:, :-1]).sum(0)  # [nsplit]
         self._max_id = max(f.num_embeddings for f in self.fields)
         empty = self._bytes(np.zeros((nsplit, dim), dtype=bool))
-        if empty > self.max_bytes or not self._select(torch.ones(nsplit, dim)).any():
+        first = int(np.flatnonzero(self.block_rows_)[0])  # the most frequent non-empty block
+        one_col = np.zeros((nsplit, dim), dtype=bool)
+        one_col[first, 0] = True
+        if self._bytes(one_col) > self.max_bytes:
+            # Without one column for the most frequent ids every id but a few rare ties is a zero vector:
+            # the table would "meet" the budget by serving nothing, so the budget is out of reach.
             raise BudgetError(
                 f"autosrh: the block layout ({nsplit} blocks) needs {empty:,} bytes before any column, and one "
-                f"column of the smallest block {int(self.block_rows_.min()) * FP32_BYTES:,} more, but the budget "
-                f"allows {self.max_bytes:,} (full table {self.full_bytes:,} bytes, budget {self.budget})"
+                f"column of the most frequent block ({int(self.block_rows_[first]):,} rows) "
+                f"{self._bytes(one_col) - empty:,} more, but the budget allows {self.max_bytes:,} "
+                f"(full table {self.full_bytes:,} bytes, budget {self.budget})"
             )
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
         nn.init.normal_(self.weight.weight, std=INIT_STD)

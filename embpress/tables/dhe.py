@@ -129,7 +129,10 @@ class DeepHashEmbedding(CompressedTable):
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         """Field-local ids ``[N, F]`` -> dense hash encodings ``[N, F, k]`` (float32)."""
-        h = universal_hash(self.global_ids(ids).unsqueeze(-1), self.hash_a, self.hash_b, self.num_buckets)
+        return self._encode_global(self.global_ids(ids))
+
+    def _encode_global(self, gid: torch.Tensor) -> torch.Tensor:
+        h = universal_hash(gid.unsqueeze(-1), self.hash_a, self.hash_b, self.num_buckets)
         u = h.double() / (self.num_buckets - 1)                                   # [0, 1]
         if self.distribution == "uniform":
             return (2 * u - 1).float()
@@ -140,8 +143,13 @@ class DeepHashEmbedding(CompressedTable):
         return z[..., : u.shape[-1]].float()
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.encode(ids).reshape(-1, self.num_inputs)
-        for m in self.mlp:
+        # The encoding and the first Linear act on each id alone, so they run once per distinct id
+        # of the batch (Zipf batches repeat ids heavily) and are gathered back; BatchNorm and the
+        # later layers still see every occurrence, so training is unchanged.
+        flat = self.global_ids(ids).reshape(-1)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        x = self.mlp[0](self._encode_global(uniq))[inverse]
+        for m in list(self.mlp)[1:]:
             if isinstance(m, nn.BatchNorm1d) and self.training and x.shape[0] < 2:
                 # batch statistics need two rows: a single id uses the running statistics
                 x = nn.functional.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias,
