@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from embpress.bench.ctr import BenchConfig, plan_trials, run_bench
 from embpress.bench.records import append_record, read_records
-from embpress.bench.report import aggregate, recommend, render_markdown, write_report
+from embpress.bench.report import aggregate, best_by_family, recommend, render_markdown, write_report
 from embpress.cli import app
 from embpress.data import SyntheticConfig, make_synthetic
 
@@ -104,6 +104,24 @@ def test_recommend_uses_seed_spread():
     (methods, spread), = recommend(aggregate(recs)).values()
     assert methods == ["qr", "hash"] and spread == pytest.approx(0.01)
     assert "qr, hash" in render_markdown(recs)
+
+
+def test_best_of_each_family_per_ratio():
+    recs = []
+    for seed in (0, 1):
+        for m, ratio, auc in (("hash", 10.0, 0.70), ("robe", 10.0, 0.75), ("pep", 10.0, 0.72 + seed / 100),
+                              ("mde", 10.0, 0.60), ("robe", 100.0, 0.65), ("full", 1.0, 0.80)):
+            recs.append({"status": "ok", "dataset": "d", "model": "dlrm", "method": m, "ratio": ratio, "seed": seed,
+                         "auc": auc, "logloss": 0.4, "serving_bytes": 10, "achieved_ratio": ratio})
+    recs.append({"status": "unreachable", "dataset": "d", "model": "dlrm", "method": "pep", "ratio": 100.0,
+                 "seed": 0, "reason": "too small"})
+    best = best_by_family(aggregate(recs))
+    assert sorted(best) == [10.0, 100.0]
+    assert best[10.0]["inter"].method == "robe" and best[10.0]["intra"].method == "pep"
+    assert best[100.0]["inter"].method == "robe" and "intra" not in best[100.0]
+    text = render_markdown(recs)
+    assert "| 10x | robe (10.0x) | 0.7500 ± 0.0000 | pep (10.0x) | 0.7250 ± 0.0071 | -0.0250 |" in text
+    assert "| 100x | robe (100.0x) | 0.6500 ± 0.0000 | none reaches it |  |  |" in text
 
 
 def test_cli_bench_and_report(tmp_path):

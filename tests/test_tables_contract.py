@@ -95,6 +95,21 @@ def test_unknown_method_and_hparam(small_fields):
         build_table("hash", fields=small_fields, dim=8, budget=Ratio(2), bogus=1)
 
 
+def test_every_method_has_a_family_and_registration_checks_it():
+    from embpress.tables import CompressedTable, register_table
+
+    fams = {m: table_class(m).family for m in registered_tables()}
+    assert set(fams.values()) == {"inter", "intra", "reference"}
+    assert fams["full"] == fams["noid"] == "reference" and fams["robe"] == "inter" and fams["pep"] == "intra"
+
+    class NoFamily(CompressedTable):
+        pass
+
+    with pytest.raises(TypeError, match="family must be one of"):
+        register_table("no-family")(NoFamily)
+    assert "no-family" not in registered_tables()
+
+
 def test_embedding_dropin():
     emb = Embedding(1000, 8, method="hash", budget=Ratio(10))
     out = emb(torch.tensor([[1, 2, 3], [4, 5, 999]]))

@@ -16,6 +16,7 @@ from typing import Any
 
 from embpress.atomic import atomic_open, atomic_write_text
 from embpress.bench.records import read_records
+from embpress.tables import method_family
 
 
 @dataclass
@@ -128,6 +129,44 @@ def recommend(rows: Sequence[Row]) -> dict[float, tuple[list[str], float]]:
     return out
 
 
+def best_by_family(rows: Sequence[Row]) -> dict[float, dict[str, Row]]:
+    """At each target ratio, the best compressed method (by mean AUC) of each family (``inter``,
+    ``intra``; see :attr:`embpress.tables.CompressedTable.family`): ``{ratio: {family: row}}``."""
+    out: dict[float, dict[str, Row]] = defaultdict(dict)
+    for r in rows:
+        fam = method_family(r.method)
+        if r.status != "ok" or r.reference or fam not in ("inter", "intra"):
+            continue
+        cur = out[r.ratio].get(fam)
+        if cur is None or r.auc > cur.auc:
+            out[r.ratio][fam] = r
+    return dict(sorted(out.items()))
+
+
+def _family_lines(rs: Sequence[Row]) -> list[str]:
+    best = best_by_family(rs)
+    if not best:
+        return []
+    lines = ["### Intra-feature against inter-feature methods", "",
+             "Inter-feature methods may share storage across ids or fields (hashing, composition, shared "
+             "codebooks, networks); intra-feature methods keep one vector per id and make each cheaper "
+             "(dimensions, pruning, precision). Best of each family at each ratio, mean ± std over seeds:", "",
+             "| target ratio | best inter-feature | test AUC | best intra-feature | test AUC | intra − inter |",
+             "|---:|---|---:|---|---:|---:|"]
+    for ratio, fams in best.items():
+        inter, intra = fams.get("inter"), fams.get("intra")
+        cells = []
+        for fam, r in (("inter", inter), ("intra", intra)):
+            if r is None:
+                tried = any(x.ratio == ratio and method_family(x.method) == fam for x in rs)
+                cells += ["none reaches it" if tried else "none run", ""]
+            else:
+                cells += [f"{r.method} ({_mean(r.achieved):.1f}x)", _pm(r.auc, r.auc_std)]
+        diff = f"{intra.auc - inter.auc:+.4f}" if inter is not None and intra is not None else ""
+        lines.append(f"| {ratio:g}x | {' | '.join(cells)} | {diff} |")
+    return [*lines, ""]
+
+
 def render_markdown(records: Sequence[dict[str, Any]]) -> str:
     rows = aggregate(records)
     failed = [r for r in records if r.get("status") == "failed"]
@@ -178,6 +217,7 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
                 sp = f"spread {spread:.4f}" if spread > 0 else "one seed: best only"
                 lines.append(f"- **{ratio:g}x** ({sp}): {', '.join(methods)}")
             lines.append("")
+        lines += _family_lines(rs)
     if failed:
         lines += ["## Failed trials", ""]
         for r in failed:

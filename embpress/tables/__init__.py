@@ -21,6 +21,7 @@ from embpress.tables.base import (
     StageContext,
     build_table,
     full_table_bytes,
+    method_family,
     parse_budget,
     register_table,
     registered_tables,
@@ -47,7 +48,7 @@ from embpress.tables.unified import UnifiedTable
 
 __all__ = [
     "Budget", "BudgetError", "CompressedTable", "Embedding", "Field", "FullTable", "HashTable",
-    "NoIdTable", "Ratio", "Stage", "StageContext", "build_table", "full_table_bytes", "parse_budget",
+    "NoIdTable", "Ratio", "Stage", "StageContext", "build_table", "full_table_bytes", "method_family", "parse_budget",
     "register_table", "registered_tables", "table_class",
     "QRTable", "UnifiedTable", "PostTrainingQuantized", "Int8Table", "Int16Table",
     "TTTable",

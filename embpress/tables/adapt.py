@@ -70,6 +70,8 @@ class AdaptiveEmbedding(CompressedTable):
     ([34, 10], [43, 0], True)
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None,
                  frequent_fraction: float = 0.5, promote_after: int | None = None, hash_seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

@@ -107,6 +107,8 @@ class ALPTTable(CompressedTable):
     (4, 8000, torch.int8)
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, bits: int | None = None,
                  lr: float = 1e-3, optimizer: str = "adam", init_step: float | None = None, seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

@@ -118,6 +118,8 @@ class AutoDimTable(CompressedTable):
     ([1, 1], torch.Size([1, 2, 8]))
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None,
                  candidates: Sequence[int] | None = None, search_epochs: int | None = 1,
                  retrain_epochs: int | None = None, gumbel: bool = True, temperature_decay: float = 2.5e-5,

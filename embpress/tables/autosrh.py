@@ -97,6 +97,8 @@ class AutoSrhTable(CompressedTable):
     ([1000, 1000, 1000, 1000, 1000, 1000], 11, True)
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, nsplit: int = 6, l1: float = 1e-5,
                  warmup_epochs: int | None = 1, search_epochs: int | None = 1,
                  retrain_epochs: int | None = None) -> None:

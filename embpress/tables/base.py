@@ -157,10 +157,15 @@ class Stage:
 _TABLES: dict[str, type[CompressedTable]] = {}
 
 
+FAMILIES = ("inter", "intra", "reference")
+
+
 def register_table(name: str) -> Callable[[type[CompressedTable]], type[CompressedTable]]:
     """Class decorator: make a table buildable by its short ``name``."""
 
     def deco(cls: type[CompressedTable]) -> type[CompressedTable]:
+        if cls.family not in FAMILIES:
+            raise TypeError(f"table method {name!r}: family must be one of {FAMILIES}, got {cls.family!r}")
         if name in _TABLES and _TABLES[name] is not cls:
             raise ValueError(f"table method {name!r} is registered twice ({_TABLES[name]} and {cls})")
         cls.method = name
@@ -182,6 +187,18 @@ def table_class(name: str) -> type[CompressedTable]:
     if name not in _TABLES:
         raise ValueError(f"unknown table method {name!r}; available: {sorted(_TABLES)}")
     return _TABLES[name]
+
+
+def method_family(name: str) -> str:
+    """The family of a method name, ``METHOD+int8`` compositions taking their inner method's;
+    ``"unknown"`` for a name this version does not register (e.g. in old records).
+
+    >>> method_family("robe"), method_family("pep"), method_family("mgqe+int8"), method_family("nope")
+    ('inter', 'intra', 'inter', 'unknown')
+    """
+    base = name.split("+", 1)[0]
+    registered_tables()
+    return _TABLES[base].family if base in _TABLES else "unknown"
 
 
 def table_hparams(cls: type[CompressedTable]) -> dict[str, inspect.Parameter]:
@@ -243,6 +260,10 @@ class CompressedTable(nn.Module):
     """
 
     method: ClassVar[str] = "?"
+    family: ClassVar[str] = ""
+    """The study's taxonomy: ``"inter"`` (ids or fields may share storage: hashing, composition,
+    codebooks), ``"intra"`` (one vector per id, each made cheaper: dimensions, pruning, precision),
+    or ``"reference"`` (``full``, ``noid``). Every registered table sets it."""
     reference: ClassVar[bool] = False
     """True for reference points (``full``, ``noid``) that have one fixed size whatever the budget."""
 

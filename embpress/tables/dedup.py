@@ -82,6 +82,8 @@ class DedupTable(CompressedTable):
     (torch.Size([2, 1, 16]), torch.Size([187, 16]))
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, block_rows: int | None = None,
                  finetune_epochs: int | None = 1, lsh_tables: int = 8, lsh_hashes: int = 4, lsh_seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

@@ -67,6 +67,8 @@ class DeepLightTable(CompressedTable):
     (2799, ['warmup', 'prune', 'finetune'])
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, warmup_epochs: int | None = 1,
                  prune_epochs: int = 1, finetune_epochs: int | None = None, prune_every: int = 10,
                  schedule: str = "polynomial") -> None:

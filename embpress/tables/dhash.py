@@ -55,6 +55,8 @@ class DoubleHashTable(CompressedTable):
     ([42, 10], [42, 0], True)
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None,
                  frequent_fraction: float = 0.5, combine: str = "sum", hash_seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

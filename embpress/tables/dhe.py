@@ -65,6 +65,8 @@ class DeepHashEmbedding(CompressedTable):
     (138, 138, True)
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, num_hash: int = 1024,
                  num_buckets: int = 1_000_000, layers: int = 5, distribution: str = "uniform",
                  batch_norm: bool = True, hash_seed: int = 0) -> None:

@@ -99,6 +99,8 @@ class DNISTable(CompressedTable):
     (39, torch.Size([1, 2, 8]))
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, blocks: int = 4,
                  l1: float = 1e-5, search_epochs: int | None = 1, finetune_epochs: int | None = None) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

@@ -75,6 +75,8 @@ class DPQTable(CompressedTable):
     (4, 64, True)
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, parts: int | None = None,
                  choices: int | None = None, mode: str = "vq", batch_norm: bool = True, commitment: float = 0.0,
                  tau: float = 1.0) -> None:

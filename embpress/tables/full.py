@@ -26,6 +26,8 @@ class FullTable(CompressedTable):
     (torch.Size([1, 2, 4]), 240)
     """
 
+    family = "reference"
+
     reference = True
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None) -> None:
@@ -49,6 +51,8 @@ class FullTable(CompressedTable):
 @register_table("noid")
 class NoIdTable(CompressedTable):
     """One learned vector per field, ignoring the id: the floor of a model without per-id embeddings."""
+
+    family = "reference"
 
     reference = True
 

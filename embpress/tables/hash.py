@@ -38,6 +38,8 @@ class HashTable(CompressedTable):
     ([49, 10], True)
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, hash_seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)
         self.hash_seed = hash_seed

@@ -112,6 +112,8 @@ class MDETable(CompressedTable):
     torch.Size([1, 2, 8])
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, blocks_per_field: int = 1,
                  alpha: float | None = None, round_dim: bool = True) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

@@ -128,6 +128,8 @@ class MGQETable(CompressedTable):
     torch.Size([2, 1, 16])
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, parts: int | None = None,
                  high_choices: int = 256, low_choices: int = 64, top_percent: float = 0.1,
                  commitment: float = 0.0) -> None:

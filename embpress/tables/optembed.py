@@ -161,6 +161,8 @@ class OptEmbedTable(CompressedTable):
     (1010, True)
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, alpha: float = 3e-4,
                  supernet_epochs: int | None = 1, retrain_epochs: int | None = None, search_iterations: int = 30,
                  keep_num: int = 15, mutation_num: int = 10, crossover_num: int = 10, mutation_prob: float = 0.1,

@@ -60,6 +60,8 @@ class PEPTable(CompressedTable):
     (2799, True, ['search', 'retrain'])
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, granularity: str = "feature_dim",
                  threshold_init: float = -15.0, search_epochs: int | None = 1,
                  retrain_epochs: int | None = None) -> None:

@@ -48,6 +48,8 @@ def fake_quant_symmetric(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tor
 class _QATTable(CompressedTable):
     """Quantization-aware training of one fp32 row per id; see the module docstring."""
 
+    family = "intra"
+
     bits: ClassVar[int] = 8
     code_dtype: ClassVar[type] = np.int8
 

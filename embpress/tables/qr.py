@@ -233,6 +233,8 @@ class QRTable(CompressedTable):
     [(10, 10, 103)]
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None,
                  operation: str = "mult", max_partitions: int = 4) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

@@ -136,6 +136,8 @@ class PostTrainingQuantized(CompressedTable):
     (['train', 'quantize'], True)
     """
 
+    family = "intra"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, inner: str = "full",
                  suffix: str = "int8", inner_hparams: Mapping[str, Any] | None = None) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

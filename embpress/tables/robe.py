@@ -60,6 +60,8 @@ class RobeTable(CompressedTable):
     (792, True)
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, blocks: int = 1,
                  signs: bool = True, hash_seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

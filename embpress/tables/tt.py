@@ -165,6 +165,8 @@ class TTTable(CompressedTable):
     torch.Size([1, 2, 8])
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, max_rank: int = 64,
                  num_cores: int = 3, init: str = "sampled_gaussian") -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

@@ -59,6 +59,8 @@ class UnifiedTable(CompressedTable):
     (2, 120, True)
     """
 
+    family = "inter"
+
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None,
                  chunks: int | None = None, hash_seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)

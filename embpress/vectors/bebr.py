@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embpress.vectors.binary import random_orthogonal
+from embpress.vectors.binary import itq_rotation, random_orthogonal
 from embpress.vectors.codec import Codec, StateValue, register_codec
 from embpress.vectors.metric import Metric
 from embpress.vectors.scan import hamming
@@ -138,6 +138,7 @@ class BEBRCodec(Codec):
         lr: float = 1e-2,
         recon_weight: float = 0.1,
         max_train: int = 50_000,
+        itq_iters: int = 50,
         num_threads: int | None = None,
         seed: int = 0,
     ):
@@ -151,6 +152,7 @@ class BEBRCodec(Codec):
         self.lr = lr
         self.recon_weight = recon_weight
         self.max_train = max_train
+        self.itq_iters = itq_iters
         self.num_threads = num_threads
         self.seed = seed
 
@@ -251,7 +253,9 @@ class BEBRCodec(Codec):
             basis = evecs[:, np.argsort(evals)[::-1][:dim]]
         else:
             basis = random_orthogonal(d, dim, rng).astype(np.float64)
-        proj = basis @ random_orthogonal(dim, dim, rng).astype(np.float64)  # (d, D)
+        v = (xc @ basis).astype(np.float32)
+        rot = itq_rotation(v, self.itq_iters, rng) if self.itq_iters else random_orthogonal(dim, dim, rng)
+        proj = basis @ rot.astype(np.float64)  # (d, D)
         # Scale every projection so its pre-activations are O(1): the STE's clip window then
         # matches the data and Adam's steps are small relative to the weights.
         h = xc @ proj

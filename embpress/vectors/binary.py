@@ -225,10 +225,16 @@ class ITQBinarizer(_ProjectedSignCodec):
             pca = evecs[:, np.argsort(evals)[::-1][:b]]
         else:
             pca = random_orthogonal(d, b, rng).astype(np.float64)
-        v = (x64 @ pca).astype(np.float32)
-        rot = random_orthogonal(b, b, rng)
-        for _ in range(self.niter):
-            bits = np.where(v @ rot > 0, np.float32(1), np.float32(-1))
-            u, _, wt = np.linalg.svd((v.T @ bits).astype(np.float64))
-            rot = (u @ wt).astype(np.float32)
-        return pca @ rot.astype(np.float64)
+        return pca @ itq_rotation((x64 @ pca).astype(np.float32), self.niter, rng).astype(np.float64)
+
+
+def itq_rotation(v: np.ndarray, niter: int, rng: np.random.Generator) -> np.ndarray:
+    """ITQ's learned rotation ``R`` (B, B) of projected data ``v`` (N, B): from a random orthogonal
+    start, alternate ``b = sign(v R)`` and the orthogonal Procrustes solution of ``min |b - v R|``."""
+    b = v.shape[1]
+    rot = random_orthogonal(b, b, rng)
+    for _ in range(niter):
+        bits = np.where(v @ rot > 0, np.float32(1), np.float32(-1))
+        u, _, wt = np.linalg.svd((v.T @ bits).astype(np.float64))
+        rot = (u @ wt).astype(np.float32)
+    return rot
