@@ -99,3 +99,24 @@ def test_num_threads_is_restored(data):
     before = torch.get_num_threads()
     BEBRCodec(loops=0, dim=8, epochs=1, num_threads=1).fit(data[0][:300])
     assert torch.get_num_threads() == before
+
+
+def test_held_out_recall_picks_the_epoch_kept(trained, data):
+    hist = trained.val_recall_history_
+    assert hist.shape == (4 + 1,) and np.all((hist >= 0) & (hist <= 1))
+    assert trained.best_epoch_ == int(np.argmax(hist))  # the first best; 0 is the ITQ start
+    assert hist.max() > hist[0]  # training improved on the start here
+    small = BEBRCodec(loops=1, dim=8, epochs=1).fit(data[0][:99])  # too few vectors to hold any out
+    assert np.isnan(small.val_recall_history_).all() and small.best_epoch_ == 1
+
+
+def test_paper_infonce_loss_trains(data):
+    c = BEBRCodec(loops=1, dim=16, epochs=2, loss="infonce", seed=0).fit(data[0])
+    assert c.loss_history_[-1] < c.loss_history_[0] and c.encode(data[1]).shape == (len(data[1]), 4)
+
+
+@pytest.mark.parametrize(("kw", "msg"), [({"loss": "mse"}, "loss"), ({"val_size": -1}, "val_size"),
+                                         ({"itq_iters": 1.5}, "itq_iters")])
+def test_bad_training_options(data, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        BEBRCodec(loops=1, **kw).fit(data[0][:200])
