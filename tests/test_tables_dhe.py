@@ -114,3 +114,15 @@ def test_lookup_of_distinct_ids_matches_the_plain_decoder_in_training(small_fiel
     got.sum().backward()
     want.sum().backward()
     torch.testing.assert_close(t.mlp[0].weight.grad, ref.mlp[0].weight.grad)
+
+
+def test_eval_lookup_runs_the_decoder_once_per_distinct_id(small_fields):
+    torch.manual_seed(0)
+    t = build_table("dhe", fields=small_fields, dim=4, budget=Ratio(2), num_hash=32, layers=2)
+    t.train()
+    t(torch.tensor([[0, 1, 2], [5, 7, 9], [3, 1, 0]]))  # move the BatchNorm running statistics
+    t.eval()
+    ids = torch.tensor([[0, 1, 2], [0, 1, 2], [3, 1, 0], [0, 2, 2]])
+    with torch.no_grad():
+        want = t.mlp(t.encode(ids).reshape(-1, t.num_inputs)).reshape(*ids.shape, 4)
+        torch.testing.assert_close(t(ids), want)

@@ -145,11 +145,15 @@ class DeepHashEmbedding(CompressedTable):
         return z[..., : u.shape[-1]].float()
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        # The encoding and the first Linear act on each id alone, so they run once per distinct id
-        # of the batch (Zipf batches repeat ids heavily) and are gathered back; BatchNorm and the
-        # later layers still see every occurrence, so training is unchanged.
+        # In training the encoding and the first Linear act on each id alone, so they run once per
+        # distinct id of the batch (Zipf batches repeat ids heavily) and are gathered back;
+        # BatchNorm and the later layers still see every occurrence, so training is unchanged.
+        # In eval mode (BatchNorm on running statistics) the whole decoder is a function of the id,
+        # so it runs once per distinct id, as a server would.
         flat = self.global_ids(ids).reshape(-1)
         uniq, inverse = torch.unique(flat, return_inverse=True)
+        if not self.training:
+            return self.mlp(self._encode_global(uniq))[inverse].reshape(*ids.shape, self.dim)
         x = self.mlp[0](self._encode_global(uniq))[inverse]
         for m in list(self.mlp)[1:]:
             if isinstance(m, nn.BatchNorm1d) and self.training and x.shape[0] < 2:
