@@ -138,3 +138,12 @@ def test_cli_bench_and_report(tmp_path):
     assert res.exit_code == 2 and "unknown table method" in res.output
     res = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert res.exit_code == 2
+
+
+def test_failures_later_completed_are_not_reported():
+    base = {"dataset": "d", "model": "dlrm", "method": "hash", "ratio": 10.0}
+    recs = [{**base, "seed": 0, "status": "failed", "reason": "boom 0"},
+            {**base, "seed": 0, "status": "ok", "auc": 0.7, "logloss": 0.4, "serving_bytes": 10, "achieved_ratio": 10.0},
+            {**base, "seed": 1, "status": "failed", "reason": "boom 1"}]
+    text = render_markdown(recs)
+    assert "boom 1" in text and "boom 0" not in text

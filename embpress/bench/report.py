@@ -169,7 +169,12 @@ def _family_lines(rs: Sequence[Row]) -> list[str]:
 
 def render_markdown(records: Sequence[dict[str, Any]]) -> str:
     rows = aggregate(records)
-    failed = [r for r in records if r.get("status") == "failed"]
+    def trial(r: dict[str, Any]) -> tuple:
+        return r.get("dataset"), r.get("model"), r.get("method"), r.get("ratio"), r.get("seed")
+
+    # a failure that a later run of the same trial completed (ok or unreachable) is history, not news
+    done = {trial(r) for r in records if r.get("status") in ("ok", "unreachable")}
+    failed = [r for r in records if r.get("status") == "failed" and trial(r) not in done]
     lines = ["# embpress benchmark report", ""]
     if not rows:
         lines.append("No completed trials yet.")
@@ -180,12 +185,16 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
         "training loops (evaluation excluded); inference is table lookups/s (ids/s) in eval mode.",
         "",
     ]
+    names = {r["dataset"]: r["dataset_name"] for r in records if r.get("dataset") and r.get("dataset_name")}
     groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
     for r in rows:
         groups[(r.dataset, r.model)].append(r)
     for (ds, model), rs in groups.items():
         full = next((r for r in rs if r.method == "full" and r.status == "ok"), None)
-        lines += [f"## {ds} — {model}", ""]
+        name = names.get(ds, ds)
+        lines += [f"## {name} — {model}", ""]
+        if name != ds:
+            lines += [f"Dataset spec: `{ds}`.", ""]
         if full is not None and full.full_bytes:
             lines += [f"Full fp32 table: {_fmt_bytes(full.full_bytes)}.", ""]
         lines += [
@@ -236,6 +245,7 @@ def render_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in aggregate(records) if r.status == "ok"]
+    names = {r["dataset"]: r["dataset_name"] for r in records if r.get("dataset") and r.get("dataset_name")}
     groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
     for r in rows:
         groups[(r.dataset, r.model)].append(r)
