@@ -270,7 +270,7 @@ def render_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("serving bytes (log)")
         ax.set_ylabel("test AUC")
-        ax.set_title(f"{ds} — {model}", fontsize=9)
+        ax.set_title(f"{names.get(ds, ds)} — {model}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
