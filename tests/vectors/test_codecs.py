@@ -377,3 +377,17 @@ def test_composition_reduces_then_codes(synth):
     assert c.reducer.out_dim == 16 and c.inner.d_ == 16 and c.d_ == D and c.code_bytes == 16
     direct = c.inner.encode(c.reducer.transform(synth["query"]))
     np.testing.assert_array_equal(c.encode(synth["query"]), direct)
+
+
+@pytest.mark.parametrize(("nq", "m", "k", "n"), [(1, 1, 4, 1), (3, 5, 16, 1000), (7, 8, 256, 300)])
+def test_lut_scan_is_the_sum_of_table_entries(nq, m, k, n):
+    from embpress.vectors.scan import lut_scan
+
+    rng = np.random.default_rng(nq)
+    luts = rng.standard_normal((nq, m, k)).astype(np.float32)
+    idx = rng.integers(0, k, (n, m))
+    want = np.zeros((nq, n), dtype=np.float32)
+    for j in range(m):  # the same sub-code order, so the float sums agree exactly
+        want += luts[:, j, :][:, idx[:, j]]
+    np.testing.assert_array_equal(lut_scan(luts, idx), want)
+    np.testing.assert_array_equal(lut_scan(luts, idx.astype(np.uint8 if k <= 256 else np.int64)), want)
