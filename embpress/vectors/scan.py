@@ -32,11 +32,18 @@ def hamming(qcodes: np.ndarray, codes: np.ndarray) -> np.ndarray:
         (nq, N) int32 numbers of differing bits.
     """
     qw, cw = _as_words(qcodes), _as_words(codes)
+    words = np.ascontiguousarray(cw.T)  # (W, N): each word of every code, contiguous
+    acc_dtype = np.uint8 if qw.shape[1] * 64 < 256 else np.uint16 if qw.shape[1] * 64 < 65536 else np.int32
     out = np.empty((qw.shape[0], cw.shape[0]), dtype=np.int32)
-    step = max(1, _SCAN_ELEMS // max(1, cw.shape[0] * cw.shape[1]))
+    step = max(1, _SCAN_ELEMS // max(1, cw.shape[0]))
     for s in range(0, qw.shape[0], step):
-        x = np.bitwise_xor(qw[s : s + step, None, :], cw[None, :, :])
-        out[s : s + step] = np.bitwise_count(x).sum(axis=2, dtype=np.int32)
+        q = qw[s : s + step]
+        # one XOR + popcount pass per 64-bit word over (queries, codes), accumulated in place:
+        # long contiguous loops instead of a reduction over a short trailing axis
+        acc = np.zeros((q.shape[0], cw.shape[0]), dtype=acc_dtype)
+        for w in range(qw.shape[1]):
+            acc += np.bitwise_count(np.bitwise_xor(q[:, w, None], words[w][None, :]))
+        out[s : s + step] = acc
     return out
 
 

@@ -391,3 +391,17 @@ def test_lut_scan_is_the_sum_of_table_entries(nq, m, k, n):
         want += luts[:, j, :][:, idx[:, j]]
     np.testing.assert_array_equal(lut_scan(luts, idx), want)
     np.testing.assert_array_equal(lut_scan(luts, idx.astype(np.uint8 if k <= 256 else np.int64)), want)
+
+
+@pytest.mark.parametrize("nbytes", [1, 5, 8, 48, 40])  # 40 bytes = 320 bits: counts above 255
+def test_hamming_counts_differing_bits(nbytes):
+    from embpress.vectors.scan import hamming
+
+    rng = np.random.default_rng(nbytes)
+    q = rng.integers(0, 256, (9, nbytes), dtype=np.uint8)
+    c = rng.integers(0, 256, (70, nbytes), dtype=np.uint8)
+    c[0] = ~q[0]  # every bit differs
+    want = np.unpackbits(q[:, None, :] ^ c[None, :, :], axis=2).sum(axis=2)
+    got = hamming(q, c)
+    assert got.dtype == np.int32 and got[0, 0] == 8 * nbytes
+    np.testing.assert_array_equal(got, want)
