@@ -65,9 +65,10 @@ def test_budget_arithmetic_before_and_after_pruning(ratio):
     want = 4 * int((rows * keep.sum(1)).sum()) + (12 * 8 + 7) // 8 + 4 * 12
     assert t.serving_bytes() == want == state_nbytes(t.serving_state())
     assert t.serving_bytes() <= t.full_bytes / ratio
-    # Greedy by weight: no dropped entry fits the leftover bytes, and within a block (entries of one
-    # cost) every kept weight is at least every dropped weight.
-    a = t.alpha.detach().numpy()
+    # Greedy by salience: no dropped entry fits the leftover bytes, and within a block (entries of one
+    # cost) every kept salience is at least every dropped one; each field keeps its frequent block.
+    a = t.salience().numpy()
+    assert keep[[0, 4, 8]].any(axis=1).all()
     leftover = t.max_bytes - t.serving_bytes()
     assert (4 * np.broadcast_to(rows[:, None], keep.shape)[~keep] > leftover).all()
     for b in range(12):

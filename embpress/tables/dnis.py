@@ -38,23 +38,30 @@ def equal_blocks(n: int, blocks: int) -> np.ndarray:
     return np.rint(np.linspace(0, n, k + 1)).astype(np.int64)
 
 
-def select_entries(alpha: np.ndarray, rows: np.ndarray, capacity: int) -> np.ndarray:
+def select_entries(alpha: np.ndarray, rows: np.ndarray, capacity: int,
+                   required_blocks: Sequence[int] = ()) -> np.ndarray:
     """Keep (block, dim) entries by descending weight while their rows fit ``capacity`` bytes.
 
     ``alpha [B, D]`` selection weights, ``rows [B]`` rows per block; entry ``(b, j)`` stores
-    ``rows[b]`` fp32 values. Entries are taken from the largest weight down; one that no longer fits
-    is skipped and smaller ones may still fill the rest. Ties go to the lower block, then lower dim.
+    ``rows[b]`` fp32 values. The best entry of each block in ``required_blocks`` is taken first (so
+    no field loses its most frequent ids altogether), then entries from the largest weight down;
+    one that no longer fits is skipped and smaller ones may still fill the rest. Ties go to the
+    lower block, then lower dim.
 
     >>> select_entries(np.array([[0.9, 0.1], [0.5, 0.8]]), np.array([1, 3]), 20).astype(int).tolist()
     [[1, 1], [0, 1]]
+    >>> select_entries(np.array([[0.9, 0.8], [0.1, 0.0]]), np.array([2, 2]), 16, [1]).astype(int).tolist()
+    [[1, 0], [1, 0]]
     """
     b, d = alpha.shape
-    order = np.argsort(-alpha.reshape(-1), kind="stable")
+    flat = alpha.reshape(-1)
+    first = [int(blk) * d + int(np.argmax(alpha[blk])) for blk in required_blocks]
+    order = [*first, *np.argsort(-flat, kind="stable").tolist()]
     cost = np.repeat(rows.astype(np.int64) * FP32_BYTES, d)
     keep = np.zeros(b * d, dtype=bool)
     left = int(capacity)
     for e in order:
-        if cost[e] <= left:
+        if not keep[e] and cost[e] <= left:
             keep[e] = True
             left -= int(cost[e])
     return keep.reshape(b, d)
@@ -71,8 +78,10 @@ class DNISTable(CompressedTable):
     to 1. Stage ``search`` (bilevel) updates ``alpha`` on validation batches (first-order DARTS);
     ``alpha`` is projected back to ``[0, 1]`` before each training forward (the reference clips), and
     ``l1 * sum |alpha|`` is added to the loss (sparsity, as the reference). Then the weights are pruned
-    to the budget (:func:`select_entries`: the largest weights are kept globally while their
-    ``rows_b`` values fit), the kept weights are folded into the rows (``E <- E * alpha``) and stage
+    to the budget (:func:`select_entries` on :meth:`salience`, ``alpha`` times the block's mean
+    ``|w|`` per dim: one column of each field's most frequent block first, then the most salient
+    entries globally while their ``rows_b`` values fit; ranking by ``alpha`` alone, whose values
+    clip at 1 and tie after a short search, dropped whole fields at 10x), the kept weights are folded into the rows (``E <- E * alpha``) and stage
     ``finetune`` trains the kept entries with ``alpha`` frozen to the 0/1 mask.
 
     Until pruning, :meth:`serving_bytes` / :meth:`serving_state` describe the table pruned with the
@@ -124,6 +133,7 @@ class DNISTable(CompressedTable):
             ends.extend((start + b[1:]).tolist())
             start += f.num_embeddings
         self.num_blocks = len(ends)
+        self._first_blocks = firsts  # each field's most frequent block
         block_end = np.array(ends, dtype=np.int64)
         self._rows = np.diff(np.concatenate([[0], block_end]))
         self._overhead = -(-self.num_blocks * dim // 8) + BLOCK_END_BYTES * self.num_blocks
@@ -148,8 +158,18 @@ class DNISTable(CompressedTable):
         """The keep mask ``[B, D]`` the budget allows under the current selection weights."""
         if bool(self.pruned):
             return self.mask.numpy()
-        a = self.alpha.detach().clamp(0, 1).numpy().astype(np.float64)
-        return select_entries(a, self._rows, self.max_bytes - self._overhead)
+        return select_entries(self.salience().numpy().astype(np.float64), self._rows,
+                              self.max_bytes - self._overhead, self._first_blocks)
+
+    @torch.no_grad()
+    def salience(self) -> torch.Tensor:
+        """``[B, D]``: the selection weight times the block's mean ``|w|`` on that dim, the magnitude
+        the column serves. Weights clipped at 1 tie in short searches; the magnitude separates
+        trained frequent columns from rare ones that barely moved from their initialisation."""
+        w = self.weight.weight.abs()
+        sums = torch.zeros(self.num_blocks, self.dim).index_add_(0, self.block_of(torch.arange(self.total_ids)), w)
+        rows = torch.as_tensor(self._rows, dtype=w.dtype).clamp(min=1).unsqueeze(1)
+        return self.alpha.clamp(0, 1) * sums / rows
 
     @torch.no_grad()
     def prune_(self) -> None:
