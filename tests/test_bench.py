@@ -119,7 +119,10 @@ def test_best_of_each_family_per_ratio():
     assert sorted(best) == [10.0, 100.0]
     assert best[10.0]["inter"].method == "robe" and best[10.0]["intra"].method == "pep"
     assert best[100.0]["inter"].method == "robe" and "intra" not in best[100.0]
+    for r in recs:
+        r["dataset_name"] = "tiny-frappe"
     text = render_markdown(recs)
+    assert "## tiny-frappe — dlrm" in text and "Dataset spec: `d`." in text
     assert "| 10x | robe (10.0x) | 0.7500 ± 0.0000 | pep (10.0x) | 0.7250 ± 0.0071 | -0.0250 |" in text
     assert "| 100x | robe (100.0x) | 0.6500 ± 0.0000 | none reaches it |  |  |" in text
 
