@@ -73,8 +73,9 @@ class Trial:
             return cfg.epochs
         return DEFAULT_EPOCHS.get(self.dataset.split(":")[0], 1)
 
-    def label(self) -> str:
-        return f"{self.dataset} {self.model} {self.method}@{self.ratio:g}x seed {self.seed}"
+    def label(self, name: str | None = None) -> str:
+        """``DATASET MODEL METHOD@RATIOx seed S``, with the dataset's short ``name`` when given."""
+        return f"{name or self.dataset} {self.model} {self.method}@{self.ratio:g}x seed {self.seed}"
 
 
 def plan_trials(cfg: BenchConfig) -> list[Trial]:
@@ -197,7 +198,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
             except Exception as e:  # record and go on: one broken method must not sink the grid
                 rec = {**_base_record(t, cfg, data), "status": "failed",
                        "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=5)}
-                outcome.failed.append(f"{t.label()}: {type(e).__name__}: {e}")
+                outcome.failed.append(f"{t.label(data.name)}: {type(e).__name__}: {e}")
             rec["wall_seconds"] = time.perf_counter() - t0
             key = record_key(rec, TRIAL_KEYS)
             if rec["status"] == "unreachable" and unreachable.get(key) == rec["reason"]:
@@ -207,11 +208,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
             outcome.records.append(rec)
             outcome.ran += 1
             if rec["status"] == "ok":
-                log(f"[{i}/{len(todo)}] {t.label()}: AUC {rec['auc']:.4f}, {rec['serving_bytes']:,} B "
+                log(f"[{i}/{len(todo)}] {t.label(data.name)}: AUC {rec['auc']:.4f}, {rec['serving_bytes']:,} B "
                     f"({rec['achieved_ratio']:.1f}x), {rec['train_samples_per_s']:,.0f} samples/s, "
                     f"{rec['wall_seconds']:.1f} s")
             else:
-                log(f"[{i}/{len(todo)}] {t.label()}: {rec['status']}: {rec['reason'].splitlines()[0]}")
+                log(f"[{i}/{len(todo)}] {t.label(data.name)}: {rec['status']}: {rec['reason'].splitlines()[0]}")
     return outcome
 
 
