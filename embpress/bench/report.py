@@ -183,9 +183,9 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
         "`serving bytes` counts every byte needed to serve lookups at stored precision; the ratio is "
         "`full_bytes / serving_bytes` against the fp32 full table. Train throughput is samples/s over the "
         "training loops (evaluation excluded); inference is table lookups/s (ids/s) in eval mode. "
-        "Each stage trains for the grid's epochs, so a multi-stage method (search then retrain, train "
-        "then finetune) sees the training data once per stage: at one epoch per stage it can beat a "
-        "single-stage `full` that saw it once.",
+        "Stages train for the grid's epochs (or the epochs the method fixes for a stage), so a "
+        "multi-stage method (search then retrain, train then finetune) sees the training data once per "
+        "stage: at one epoch per stage it can beat a single-stage `full` that saw it once.",
         "",
     ]
     names = {r["dataset"]: r["dataset_name"] for r in records if r.get("dataset") and r.get("dataset_name")}
