@@ -257,7 +257,13 @@ def render_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
     cmap = plt.get_cmap("tab20")
     methods = sorted({r.method for r in rows})
     color = {m: cmap(i % 20) for i, m in enumerate(methods)}
+    # inter-feature methods solid with circles, intra-feature dashed with squares: 20 colours
+    # alone repeat once there are more than 20 methods
+    style = {"inter": ("o", "-"), "intra": ("s", "--")}
     for ax, ((ds, model), rs) in zip(axes[0], groups.items(), strict=False):
+        compressed = [r.auc - (r.auc_std if math.isfinite(r.auc_std) else 0) for r in rs if not r.reference]
+        # the y range follows the compressed methods and full: a far-off noid floor would squash them
+        lo = min(compressed + [r.auc for r in rs if r.method == "full"], default=0.5)
         for m in methods:
             pts = sorted((r for r in rs if r.method == m), key=lambda r: _mean(r.serving))
             if not pts:
@@ -266,16 +272,24 @@ def render_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
             ys = [r.auc for r in pts]
             es = [r.auc_std if math.isfinite(r.auc_std) else 0 for r in pts]
             if m in ("full", "noid"):
-                ax.axhline(ys[0], color=color[m], ls="--", lw=1, label=f"{m} (AUC {ys[0]:.4f})")
-                ax.plot(xs, ys, "*", color=color[m], ms=10)
+                if ys[0] >= lo - 0.05:
+                    ax.axhline(ys[0], color=color[m], ls=":", lw=1, label=f"{m} (AUC {ys[0]:.4f})")
+                    ax.plot(xs, ys, "*", color=color[m], ms=10)
+                else:
+                    ax.plot([], [], " ", label=f"{m} (AUC {ys[0]:.4f}, below the axis)")
             else:
-                ax.errorbar(xs, ys, yerr=es, marker="o", color=color[m], label=m, capsize=2)
+                marker, ls = style.get(method_family(m), ("^", "-."))
+                ax.errorbar(xs, ys, yerr=es, marker=marker, ls=ls, color=color[m], label=m, capsize=2, ms=4)
+        if compressed:
+            top = max(r.auc for r in rs)
+            pad = 0.05 * max(top - lo, 0.01)
+            ax.set_ylim(lo - pad, top + pad)
         ax.set_xscale("log")
         ax.set_xlabel("serving bytes (log)")
         ax.set_ylabel("test AUC")
         ax.set_title(f"{names.get(ds, ds)} — {model}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=110)
