@@ -64,7 +64,7 @@ def lut_scan(luts: np.ndarray, idx: np.ndarray) -> np.ndarray:
     nq, m_count, k = luts.shape
     out = np.empty((nq, idx.shape[0]), dtype=np.float32)
     tables = np.ascontiguousarray(luts.reshape(nq, m_count * k).T)  # (M*K, nq)
-    step = max(1, _SCAN_ELEMS // max(1, m_count))
+    step = max(1, _SCAN_ELEMS // max(1, m_count, nq))  # bounds both the one-hot block and its product
     offsets = np.arange(m_count, dtype=np.int64) * k
     for s in range(0, idx.shape[0], step):
         block = idx[s : s + step]
