@@ -306,7 +306,8 @@ class BEBRCodec(Codec):
         zt = torch.cat([F.normalize(net(xt[s : s + _ENCODE_BATCH])[1][-1], dim=1)
                         for s in range(0, len(xt), _ENCODE_BATCH)])
         zv = F.normalize(net(xv)[1][-1], dim=1)
-        top = torch.topk(zv @ zt.T, kv, dim=1).indices.numpy()
+        top = torch.cat([torch.topk(zv[s : s + 256] @ zt.T, kv, dim=1).indices  # bounded (256, n) blocks
+                         for s in range(0, len(zv), 256)]).numpy()
         return float(np.mean([len(set(a) & set(b)) for a, b in zip(top, truth, strict=True)]) / kv)
 
     def _init_linear(
