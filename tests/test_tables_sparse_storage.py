@@ -7,6 +7,7 @@ import torch
 
 from embpress.tables.base import state_nbytes
 from embpress.tables.sparse_storage import (
+    ROW_GROUP,
     block_columns_bytes,
     block_columns_decode,
     block_columns_encode,
@@ -24,11 +25,16 @@ def test_csr_round_trip_and_bytes():
     mask = rng.random((300, 16)) < 0.2
     state = csr_encode(values, mask)
     assert state_nbytes(state) == csr_bytes(300, 16, int(mask.sum()))
-    assert state["indices"].dtype == np.uint8 and state["indptr"].dtype == np.uint16
-    rows = np.array([0, 299, 17, 17])
+    assert state["indices"].dtype == np.uint8 and state["row_len"].dtype == np.uint8
+    assert state["group_ptr"].dtype == np.uint16 and state["group_ptr"].shape == (-(-300 // ROW_GROUP) + 1,)
+    rows = np.arange(300)  # every row: first, last and middle of each group, and the short last group
     np.testing.assert_array_equal(csr_decode(state, rows, 16), np.where(mask, values, 0)[rows])
     wide = csr_encode(np.ones((3, 300), np.float32), np.ones((3, 300), bool))
-    assert wide["indices"].dtype == np.uint16 and wide["indptr"].dtype == np.uint16
+    assert wide["indices"].dtype == np.uint16 and wide["row_len"].dtype == np.uint16
+    assert wide["group_ptr"].dtype == np.uint16 and wide["group_ptr"].tolist() == [0, 900]
+    empty = csr_encode(np.ones((130, 4), np.float32), np.zeros((130, 4), bool))
+    assert state_nbytes(empty) == csr_bytes(130, 4, 0)
+    np.testing.assert_array_equal(csr_decode(empty, np.array([0, 129]), 4), np.zeros((2, 4), np.float32))
 
 
 def test_csr_capacity_is_the_most_that_fits():

@@ -156,7 +156,7 @@ class DeepLightTable(CompressedTable):
         return csr_bytes(self.total_ids, self.dim, self.nnz_)
 
     def serving_state(self) -> dict[str, np.ndarray]:
-        """CSR ``values`` (fp32), ``indices`` (column, uint8 for D <= 256), ``indptr`` ``[total + 1]``;
+        """CSR ``values`` (fp32), ``indices`` (column, uint8 for D <= 256), ``row_len`` and ``group_ptr`` (see ``sparse_storage``);
         before the prune stage ends, the ``nnz_`` largest-magnitude surviving entries."""
         with torch.no_grad():
             w = self.weight.weight * self.mask

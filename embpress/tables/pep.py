@@ -155,7 +155,7 @@ class PEPTable(CompressedTable):
         return csr_bytes(self.total_ids, self.dim, self.nnz_)
 
     def serving_state(self) -> dict[str, np.ndarray]:
-        """CSR ``values`` (fp32), ``indices`` (column, uint8 for D <= 256), ``indptr`` ``[total + 1]``."""
+        """CSR ``values`` (fp32), ``indices`` (column, uint8 for D <= 256), ``row_len`` and ``group_ptr`` (see ``sparse_storage``)."""
         with torch.no_grad():
             rows = torch.arange(self.total_ids)
             values = self._values(rows, self.weight.weight)

@@ -3,9 +3,10 @@
 Two layouts:
 
 - **CSR** for unstructured pruning (PEP, DeepLight): ``values`` fp32 ``[nnz]`` in row-major order,
-  ``indices`` (the column of each value: uint8 for ``D <= 256``) and ``indptr`` ``[rows + 1]``
-  (row ``r`` holds ``values[indptr[r]:indptr[r + 1]]``), in the smallest unsigned dtype that
-  holds ``nnz``. A lookup reads one row's slice and scatters it into a zero vector.
+  ``indices`` (the column of each value: uint8 for ``D <= 256``), ``row_len`` (each row's count,
+  uint8 for ``D <= 255``) and ``group_ptr`` (the offset of every ``ROW_GROUP``-th row, in the
+  smallest unsigned dtype that holds ``nnz``). A lookup finds its row's slice from the group
+  pointer and at most ``ROW_GROUP - 1`` lengths, and scatters it into a zero vector.
 - **Block columns** for structured pruning by frequency block (AutoSrh): each field's ids are
   cut into contiguous blocks (``bounds [F, B + 1]``), block ``b`` keeps a set of columns
   (``cols[col_ptr[b]:col_ptr[b + 1]]``) and stores its rows densely on those columns
@@ -46,27 +47,35 @@ def col_dtype(dim: int) -> np.dtype:
 
 # ----------------------------------------------------------------------------- CSR
 
+#: Rows per sampled pointer in the CSR layout: a lookup adds at most ``ROW_GROUP - 1`` row lengths.
+ROW_GROUP = 64
+
 
 def csr_bytes(rows: int, dim: int, nnz: int) -> int:
-    """Bytes of a CSR table: fp32 values and column indices per nonzero, plus ``rows + 1`` pointers.
+    """Bytes of a CSR table: fp32 values and column indices per nonzero, one row length per row
+    and one pointer per ``ROW_GROUP`` rows (plus the end).
 
-    >>> csr_bytes(rows=100, dim=16, nnz=300)  # 300 * (4 + 1) + 101 * 2
-    1702
+    >>> csr_bytes(rows=100, dim=16, nnz=300)  # 300 * (4 + 1) + 100 * 1 + (2 + 1) * 2
+    1606
     """
-    return nnz * (FP32_BYTES + col_dtype(dim).itemsize) + (rows + 1) * uint_dtype(nnz).itemsize
+    groups = -(-rows // ROW_GROUP) + 1
+    return (nnz * (FP32_BYTES + col_dtype(dim).itemsize) + rows * uint_dtype(dim).itemsize
+            + groups * uint_dtype(nnz).itemsize)
 
 
 def csr_capacity(rows: int, dim: int, max_bytes: int) -> int | None:
     """The most nonzeros (at most ``rows * dim``) whose CSR form fits ``max_bytes``; None if none fits.
 
-    >>> n = csr_capacity(rows=100, dim=16, max_bytes=1702)
-    >>> n, csr_bytes(100, 16, n) <= 1702 < csr_bytes(100, 16, n + 1)
+    >>> n = csr_capacity(rows=100, dim=16, max_bytes=1606)
+    >>> n, csr_bytes(100, 16, n) <= 1606 < csr_bytes(100, 16, n + 1)
     (300, True)
     """
     per_value = FP32_BYTES + col_dtype(dim).itemsize
+    fixed = rows * uint_dtype(dim).itemsize
+    groups = -(-rows // ROW_GROUP) + 1
     best = None
     for dt in _UINTS:  # the pointer dtype depends on nnz: try each, keep the largest consistent nnz
-        free = max_bytes - (rows + 1) * np.dtype(dt).itemsize
+        free = max_bytes - fixed - groups * np.dtype(dt).itemsize
         if free < 0:
             continue
         nnz = min(free // per_value, rows * dim, int(np.iinfo(dt).max))
@@ -76,11 +85,16 @@ def csr_capacity(rows: int, dim: int, max_bytes: int) -> int | None:
 
 
 def csr_encode(values: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """``values float[R, D]`` kept where ``mask bool[R, D]`` -> ``{"values", "indices", "indptr"}``.
+    """``values float[R, D]`` kept where ``mask bool[R, D]`` -> ``{"values", "indices", "row_len", "group_ptr"}``.
+
+    ``row_len[r]`` is row ``r``'s nonzero count (uint8 for ``D <= 255``) and ``group_ptr[g]`` the
+    offset of row ``g * ROW_GROUP`` in ``values`` (``group_ptr[-1] = nnz``), in the smallest
+    unsigned dtype that holds ``nnz``. Row pointers cost ~1 byte per row instead of the 2 or 4 of
+    a full ``indptr``, which at 10x budgets is a large share of the table.
 
     >>> s = csr_encode(np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[0, 1, 1], [1, 0, 0]], bool))
-    >>> s["values"].tolist(), s["indices"].tolist(), s["indptr"].tolist()
-    ([1.0, 2.0, 3.0], [1, 2, 0], [0, 2, 3])
+    >>> s["values"].tolist(), s["indices"].tolist(), s["row_len"].tolist(), s["group_ptr"].tolist()
+    ([1.0, 2.0, 3.0], [1, 2, 0], [2, 1], [0, 3])
     """
     values = np.asarray(values, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
@@ -89,23 +103,29 @@ def csr_encode(values: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     rows, dim = mask.shape
     nnz = int(mask.sum())
     r, c = np.nonzero(mask)  # row-major order
-    indptr = np.zeros(rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(r, minlength=rows), out=indptr[1:])
+    row_len = np.bincount(r, minlength=rows)
+    starts = np.concatenate([[0], np.cumsum(row_len)])
+    group_ptr = np.append(starts[0:rows:ROW_GROUP], nnz)
     return {
         "values": values[r, c],
         "indices": c.astype(col_dtype(dim)),
-        "indptr": indptr.astype(uint_dtype(nnz)),
+        "row_len": row_len.astype(uint_dtype(dim)),
+        "group_ptr": group_ptr.astype(uint_dtype(nnz)),
     }
 
 
 def csr_decode(state: dict[str, np.ndarray], rows: np.ndarray, dim: int, prefix: str = "") -> np.ndarray:
-    """Rows ``int[N]`` of a CSR table -> ``float32[N, D]`` (zeros where pruned)."""
+    """Rows ``int[N]`` of a CSR table -> ``float32[N, D]`` (zeros where pruned), as a server reads
+    them: the group pointer plus the lengths of the rows before ``r`` in its group."""
     values, indices = state[prefix + "values"], state[prefix + "indices"]
-    indptr = state[prefix + "indptr"].astype(np.int64)
+    row_len = state[prefix + "row_len"].astype(np.int64)
+    group_ptr = state[prefix + "group_ptr"].astype(np.int64)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     out = np.zeros((rows.size, dim), dtype=np.float32)
     for i, r in enumerate(rows):
-        lo, hi = indptr[r], indptr[r + 1]
+        first = r - r % ROW_GROUP
+        lo = group_ptr[r // ROW_GROUP] + int(row_len[first:r].sum())
+        hi = lo + row_len[r]
         out[i, indices[lo:hi].astype(np.int64)] = values[lo:hi]
     return out
 
