@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from embpress.models import build_model
-from embpress.tables import Field, Ratio, build_table
+from embpress.tables import BudgetError, Field, Ratio, build_table
 from embpress.tables.sparse_storage import csr_bytes, csr_decode
 from embpress.train import TrainConfig, train
 
@@ -27,6 +27,8 @@ def test_schedules():
     e = build_table("deeplight", fields=_fields(), dim=8, budget=Ratio(4), schedule="exponential")
     assert e.sparsity_at(100, 10) == pytest.approx(s * (1 - 0.99))  # the reference code's rate
     assert csr_bytes(420, 8, t.nnz_) <= t.max_bytes < csr_bytes(420, 8, t.nnz_ + 1)
+    with pytest.raises(BudgetError, match="deeplight: a CSR table of 420 rows needs 433 bytes"):
+        build_table("deeplight", fields=_fields(), dim=8, budget=432)  # 420 lengths + 8 pointers + 5
 
 
 def test_prune_is_by_magnitude_monotone_and_exact():

@@ -31,7 +31,6 @@ from torch import nn
 
 from embpress.tables.base import (
     Budget,
-    BudgetError,
     CompressedTable,
     Field,
     Stage,
@@ -39,7 +38,7 @@ from embpress.tables.base import (
     register_table,
 )
 from embpress.tables.full import INIT_STD
-from embpress.tables.sparse_storage import csr_bytes, csr_capacity, csr_encode, keep_top
+from embpress.tables.sparse_storage import csr_bytes, csr_encode, csr_nonzeros_at_budget, keep_top
 
 SCHEDULES = ("polynomial", "exponential")
 DAMPING = 0.99
@@ -81,13 +80,7 @@ class DeepLightTable(CompressedTable):
             raise ValueError(f"deeplight: prune_every must be an int >= 1, got {prune_every!r}")
         self.warmup_epochs, self.prune_epochs, self.finetune_epochs = warmup_epochs, prune_epochs, finetune_epochs
         self.prune_every, self.schedule = prune_every, schedule
-        nnz = csr_capacity(self.total_ids, dim, self.max_bytes)
-        if not nnz:
-            raise BudgetError(
-                f"deeplight: a CSR table of {self.total_ids:,} rows needs {csr_bytes(self.total_ids, dim, 1):,} "
-                f"bytes for one nonzero (row pointers included) but the budget allows {self.max_bytes:,}"
-            )
-        self.nnz_ = nnz
+        self.nnz_ = nnz = csr_nonzeros_at_budget("deeplight", self.total_ids, dim, self.max_bytes)
         self.target_sparsity_ = 1.0 - nnz / (self.total_ids * dim)
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
         nn.init.normal_(self.weight.weight, std=INIT_STD)

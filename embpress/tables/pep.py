@@ -23,7 +23,6 @@ from torch import nn
 
 from embpress.tables.base import (
     Budget,
-    BudgetError,
     CompressedTable,
     Field,
     Stage,
@@ -31,7 +30,7 @@ from embpress.tables.base import (
     register_table,
 )
 from embpress.tables.full import INIT_STD
-from embpress.tables.sparse_storage import csr_bytes, csr_capacity, csr_encode, keep_top
+from embpress.tables.sparse_storage import csr_bytes, csr_encode, csr_nonzeros_at_budget, keep_top
 
 GRANULARITIES = ("global", "dim", "field", "field_dim", "feature", "feature_dim")
 """Threshold shapes of the reference code: one, per dim, per field, per (field, dim), per id, per (id, dim)."""
@@ -70,13 +69,7 @@ class PEPTable(CompressedTable):
             raise ValueError(f"pep: granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.granularity, self.threshold_init = granularity, threshold_init
         self.search_epochs, self.retrain_epochs = search_epochs, retrain_epochs
-        nnz = csr_capacity(self.total_ids, dim, self.max_bytes)
-        if not nnz:
-            raise BudgetError(
-                f"pep: a CSR table of {self.total_ids:,} rows needs {csr_bytes(self.total_ids, dim, 1):,} bytes for "
-                f"one nonzero (row pointers included) but the budget allows {self.max_bytes:,}"
-            )
-        self.nnz_ = nnz
+        self.nnz_ = csr_nonzeros_at_budget("pep", self.total_ids, dim, self.max_bytes)
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
         self._init_rng = torch.get_rng_state()  # to redraw the initial values for the retrain stage
         nn.init.normal_(self.weight.weight, std=INIT_STD)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from embpress.tables.base import FP32_BYTES
+from embpress.tables.base import FP32_BYTES, BudgetError
 
 _UINTS = (np.uint8, np.uint16, np.uint32, np.uint64)
 
@@ -82,6 +82,17 @@ def csr_capacity(rows: int, dim: int, max_bytes: int) -> int | None:
         if best is None or nnz > best:
             best = int(nnz)
     return best
+
+
+def csr_nonzeros_at_budget(method: str, rows: int, dim: int, max_bytes: int) -> int:
+    """:func:`csr_capacity`, raising :class:`BudgetError` (naming ``method``) when not one nonzero fits."""
+    nnz = csr_capacity(rows, dim, max_bytes)
+    if not nnz:
+        raise BudgetError(
+            f"{method}: a CSR table of {rows:,} rows needs {csr_bytes(rows, dim, 1):,} bytes for one nonzero "
+            f"(row lengths and pointers included) but the budget allows {max_bytes:,}"
+        )
+    return nnz
 
 
 def csr_encode(values: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
