@@ -56,7 +56,7 @@ class PEPTable(CompressedTable):
     >>> from embpress.tables import Ratio
     >>> t = PEPTable(fields=[Field("a", 1000)], dim=16, budget=Ratio(4))
     >>> t.nnz_, t.serving_bytes() <= 1000 * 16, [s.name for s in t.stages()]
-    (2799, True, ['search', 'retrain'])
+    (2993, True, ['search', 'retrain'])
     """
 
     family = "intra"
