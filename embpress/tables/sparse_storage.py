@@ -51,6 +51,11 @@ def col_dtype(dim: int) -> np.dtype:
 ROW_GROUP = 64
 
 
+def _group_pointers(rows: int) -> int:
+    """Entries of ``group_ptr``: one per ``ROW_GROUP`` rows (the last group may be short) plus the end."""
+    return -(-rows // ROW_GROUP) + 1
+
+
 def csr_bytes(rows: int, dim: int, nnz: int) -> int:
     """Bytes of a CSR table: fp32 values and column indices per nonzero, one row length per row
     and one pointer per ``ROW_GROUP`` rows (plus the end).
@@ -58,9 +63,8 @@ def csr_bytes(rows: int, dim: int, nnz: int) -> int:
     >>> csr_bytes(rows=100, dim=16, nnz=300)  # 300 * (4 + 1) + 100 * 1 + (2 + 1) * 2
     1606
     """
-    groups = -(-rows // ROW_GROUP) + 1
     return (nnz * (FP32_BYTES + col_dtype(dim).itemsize) + rows * uint_dtype(dim).itemsize
-            + groups * uint_dtype(nnz).itemsize)
+            + _group_pointers(rows) * uint_dtype(nnz).itemsize)
 
 
 def csr_capacity(rows: int, dim: int, max_bytes: int) -> int | None:
@@ -72,7 +76,7 @@ def csr_capacity(rows: int, dim: int, max_bytes: int) -> int | None:
     """
     per_value = FP32_BYTES + col_dtype(dim).itemsize
     fixed = rows * uint_dtype(dim).itemsize
-    groups = -(-rows // ROW_GROUP) + 1
+    groups = _group_pointers(rows)
     best = None
     for dt in _UINTS:  # the pointer dtype depends on nnz: try each, keep the largest consistent nnz
         free = max_bytes - fixed - groups * np.dtype(dt).itemsize
