@@ -155,7 +155,7 @@ class DeepHashEmbedding(CompressedTable):
         if not self.training:
             return self.mlp(self._encode_global(uniq))[inverse].reshape(*ids.shape, self.dim)
         x = self.mlp[0](self._encode_global(uniq))[inverse]
-        for m in list(self.mlp)[1:]:
+        for m in self.mlp[1:]:
             if isinstance(m, nn.BatchNorm1d) and self.training and x.shape[0] < 2:
                 # batch statistics need two rows: a single id uses the running statistics
                 x = nn.functional.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias,

@@ -81,8 +81,8 @@ class DNISTable(CompressedTable):
     to the budget (:func:`select_entries` on :meth:`salience`, ``alpha`` times the block's mean
     ``|w|`` per dim: one column of each field's most frequent block first, then the most salient
     entries globally while their ``rows_b`` values fit; ranking by ``alpha`` alone, whose values
-    clip at 1 and tie after a short search, dropped whole fields at 10x), the kept weights are folded into the rows (``E <- E * alpha``) and stage
-    ``finetune`` trains the kept entries with ``alpha`` frozen to the 0/1 mask.
+    clip at 1 and tie after a short search, dropped whole fields at 10x), the kept weights are
+    folded into the rows (``E <- E * alpha``) and stage ``finetune`` trains the kept entries with ``alpha`` frozen to the 0/1 mask.
 
     Until pruning, :meth:`serving_bytes` / :meth:`serving_state` describe the table pruned with the
     current weights.
