@@ -41,6 +41,7 @@ from torch import nn
 
 from embpress.vectors.binary import itq_rotation, random_orthogonal
 from embpress.vectors.codec import Codec, StateValue, register_codec
+from embpress.vectors.kernels import as_words, planes_search
 from embpress.vectors.metric import Metric
 from embpress.vectors.scan import hamming
 
@@ -453,6 +454,15 @@ class BEBRCodec(Codec):
         if metric is Metric.L2:
             return (2 - 2 * cos).astype(np.float32)
         return (-cos).astype(np.float32)
+
+    def _search_lists(self, q, codes, k, metric, offsets, ids, probes, bias, mask):
+        if bias.size:
+            raise ValueError(f"{self.spec}: BEBR codes cannot take a per-list bias (no residual encoding)")
+        planes = self.loops + 1
+        s, found = planes_search(as_words(self._encode(q), planes), as_words(codes, planes),
+                                 self._weights().astype(np.float64), float(self.dim_), offsets, ids, probes, mask, k)
+        dist = 2 + 2 * s if metric is Metric.L2 else s  # s = -cos
+        return np.where(found >= 0, dist, np.float32(np.inf)).astype(np.float32), found
 
     # -------------------------------------------------------------- state
     def _fitted_state(self) -> dict[str, StateValue]:

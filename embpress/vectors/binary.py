@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from embpress.vectors.codec import Codec, register_codec
+from embpress.vectors.kernels import as_words, hamming_search, lut_queries
 from embpress.vectors.metric import Metric
 from embpress.vectors.scan import hamming, lut_scan, pm1_lut, sign_bits
 
@@ -65,9 +66,28 @@ class _SignCodec(Codec):
                 return np.maximum((v * v).sum(1)[:, None] - 2 * ip + np.float32(nbits), 0)
             return -ip
         h = hamming(sign_bits(v), codes).astype(np.float32)
+        return self._from_hamming(h, metric)
+
+    def _from_hamming(self, h: np.ndarray, metric: Metric) -> np.ndarray:
+        """Hamming distances -> this codec's distances (both monotone in h)."""
         if metric is Metric.L2:
             return 4 * h
-        return 2 * h - np.float32(nbits)
+        return 2 * h - np.float32(self._n_bits(self.d_))
+
+    def _search_lists(self, q, codes, k, metric, offsets, ids, probes, bias, mask):
+        if bias.size:
+            raise ValueError(f"{self.spec}: sign codes cannot take a per-list bias (no residual encoding)")
+        nbits = self._n_bits(self.d_)
+        v = self._project(q)
+        if self.asymmetric:
+            scale = np.float32(2 if metric is Metric.L2 else 1)
+            dist, found = lut_queries(lambda vv: -scale * pm1_lut(vv), v, codes, k, offsets, ids, probes, bias,
+                                      mask, rows=self._query_rows)
+            if metric is Metric.L2:  # |v|^2 - 2 <v, b> + B
+                dist = np.maximum(dist + ((v * v).sum(1)[:, None] + np.float32(nbits)), 0)
+            return dist, found
+        h, found = hamming_search(as_words(sign_bits(v)), as_words(codes), offsets, ids, probes, mask, k)
+        return np.where(found >= 0, self._from_hamming(h, metric), np.float32(np.inf)), found
 
 
 @register_codec(r"bin", form="bin", examples=("bin",))

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from embpress.vectors.metric import Metric, as_metric, pairwise_distances
+from embpress.vectors.metric import Metric, SearchResult, as_metric, pairwise_distances
 
 StateValue = np.ndarray | int | float | str
 """A value in a codec state dict: arrays and plain scalars only, so it saves with ``np.savez``."""
@@ -29,6 +29,45 @@ StateValue = np.ndarray | int | float | str
 
 _CLASSES: dict[str, type[Codec]] = {}
 """Every codec class by name, for :func:`codec_from_state`."""
+
+
+_SCAN_ELEMS = 1 << 23  # distances computed at once by the default list scan (queries x rows)
+_NO_ID = np.iinfo(np.int64).max
+
+
+def merge_topk(best_d: np.ndarray, best_i: np.ndarray, new_d: np.ndarray, new_ids: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge a block's distances into running top-k lists, ordered by (distance, id).
+
+    Args:
+        best_d, best_i: (m, k) current best distances and ids (-1 = empty).
+        new_d: (m, b) distances of the block. new_ids: (b,) ids of its columns.
+
+    Returns:
+        (m, k) merged distances and ids, ascending; ties go to the smaller id.
+
+    >>> d, i = merge_topk(np.full((1, 2), np.inf, "f4"), np.full((1, 2), -1), np.array([[1., 0., 1.]], "f4"),
+    ...                   np.array([7, 8, 5]), 2)
+    >>> i.tolist()
+    [[8, 5]]
+    """
+    m, b = new_d.shape
+    cols = np.broadcast_to(new_ids, (m, b))
+    if b > k:
+        part = np.argpartition(new_d, k - 1, axis=1)[:, :k]
+        thr = np.take_along_axis(new_d, part, axis=1).max(axis=1)
+        tied = np.flatnonzero((new_d <= thr[:, None]).sum(axis=1) > k)
+        nd, ni = np.take_along_axis(new_d, part, axis=1), np.take_along_axis(cols, part, axis=1)
+        for r in tied:  # more than k candidates at the threshold: take the smallest ids among ties
+            cand = np.flatnonzero(new_d[r] <= thr[r])
+            pick = cand[np.lexsort((cols[r, cand], new_d[r, cand]))[:k]]
+            nd[r], ni[r] = new_d[r, pick], cols[r, pick]
+    else:
+        nd, ni = new_d, cols
+    cd = np.concatenate([best_d, nd], axis=1)
+    ci = np.concatenate([best_i, ni], axis=1)
+    order = np.lexsort((np.where(ci < 0, _NO_ID, ci), cd), axis=1)[:, :k]
+    return np.take_along_axis(cd, order, axis=1), np.take_along_axis(ci, order, axis=1)
 
 
 class NotFittedError(ValueError):
@@ -197,6 +236,110 @@ class Codec(abc.ABC):
         for s in range(0, q.shape[0], self._query_rows):
             out[s : s + self._query_rows] = self._distances(q[s : s + self._query_rows], codes, metric)
         return out
+
+    def search_lists(
+        self,
+        q: np.ndarray,
+        codes: np.ndarray,
+        k: int,
+        metric: Metric | str,
+        *,
+        offsets: np.ndarray | None = None,
+        ids: np.ndarray | None = None,
+        probes: np.ndarray | None = None,
+        bias: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> SearchResult:
+        """The ``k`` best codes of each query, scanned with a running top-k (no (nq, N) matrix kept).
+
+        Flat by default; with ``offsets`` and ``probes`` it scans inverted lists (see
+        :mod:`embpress.vectors.kernels` for the layout). Ties are broken by the smaller id.
+
+        Args:
+            q: (nq, D) queries. codes: (N, code_bytes) uint8.
+            k: hits per query.
+            metric: distances as in :meth:`distances`.
+            offsets: (L+1,) int64 list bounds over the rows of ``codes`` (default: one list).
+            ids: (N,) int64 id of each row (default: the row number).
+            probes: (nq, P) int64 lists scanned per query, ``-1`` for none (default: list 0).
+            bias: (nq, P) float32 added to every distance in probed list p (an IVF centroid's term).
+            mask: bool (N,) shared or (nq, N) per query over ids; False excludes the id.
+
+        Returns:
+            SearchResult (nq, k): ascending distances (+inf past the hits) and ids (-1 past them).
+        """
+        metric = as_metric(metric)
+        q = self._check_vectors(q, "q")
+        codes = self._check_codes(codes)
+        nq, n = q.shape[0], codes.shape[0]
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        offsets = np.array([0, n], dtype=np.int64) if offsets is None else np.ascontiguousarray(offsets, np.int64)
+        if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
+            raise ValueError(f"offsets must rise from 0 to N={n}, got {offsets[:8]}...")
+        ids = np.zeros(0, np.int64) if ids is None else np.ascontiguousarray(ids, np.int64)
+        if ids.size and ids.shape != (n,):
+            raise ValueError(f"ids must have shape ({n},), got {ids.shape}")
+        probes = np.zeros((nq, 1), np.int64) if probes is None else np.ascontiguousarray(probes, np.int64)
+        if probes.ndim != 2 or probes.shape[0] != nq or probes.max(initial=-1) >= offsets.size - 1:
+            raise ValueError(f"probes must be ({nq}, P) list numbers below {offsets.size - 1}, got {probes.shape}")
+        bias = np.zeros((0, 0), np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+        if bias.size and bias.shape != probes.shape:
+            raise ValueError(f"bias must have the shape of probes {probes.shape}, got {bias.shape}")
+        if mask is None:
+            mask = np.zeros((0, 0), dtype=np.bool_)
+        else:
+            mask = np.asarray(mask)
+            n_ids = int(ids.max(initial=-1)) + 1 if ids.size else n
+            if mask.dtype != np.bool_ or mask.ndim not in (1, 2) or mask.shape[-1] < n_ids or (
+                    mask.ndim == 2 and mask.shape[0] not in (1, nq)):
+                raise ValueError(f"mask must be bool (N,) or ({nq}, N) over ids, got {mask.dtype} {mask.shape}")
+            mask = np.ascontiguousarray(mask.reshape(1, -1) if mask.ndim == 1 else mask)
+        if nq == 0:
+            return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        dist, found = self._search_lists(q, codes, int(k), metric, offsets, ids, probes, bias, mask)
+        return SearchResult(np.ascontiguousarray(dist, np.float32), np.ascontiguousarray(found, np.int64))
+
+    def _search_lists(self, q: np.ndarray, codes: np.ndarray, k: int, metric: Metric, offsets: np.ndarray,
+                      ids: np.ndarray, probes: np.ndarray, bias: np.ndarray,
+                      mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Default scan: every list against the queries that probe it, through ``_distances``.
+
+        Codecs whose scoring is a matrix product (fp16, sq8, sq4, reducers) keep this path: one
+        BLAS call per (list, query group) beats a per-code loop. Others override it with a
+        compiled kernel from :mod:`embpress.vectors.kernels`.
+        """
+        nq = q.shape[0]
+        best_d = np.full((nq, k), np.inf, dtype=np.float32)
+        best_i = np.full((nq, k), -1, dtype=np.int64)
+        qs_all, slots = np.nonzero(probes >= 0)
+        lists = probes[qs_all, slots]
+        order = np.argsort(lists, kind="stable")
+        qs_all, slots, lists = qs_all[order], slots[order], lists[order]
+        starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]]) if lists.size else np.zeros(0, int)
+        for g, s0 in enumerate(starts):
+            s1 = starts[g + 1] if g + 1 < len(starts) else lists.size
+            lst = lists[s0]
+            lo, hi = int(offsets[lst]), int(offsets[lst + 1])
+            if hi <= lo:
+                continue
+            qs = qs_all[s0:s1]
+            step = max(1, _SCAN_ELEMS // qs.size)
+            for s in range(lo, hi, step):
+                e = min(hi, s + step)
+                d = np.zeros((qs.size, e - s), np.float32)
+                for r in range(0, qs.size, self._query_rows):
+                    d[r:r + self._query_rows] = self._distances(q[qs[r:r + self._query_rows]], codes[s:e], metric)
+                if bias.size:
+                    d += bias[qs, slots[s0:s1]][:, None]
+                rid = ids[s:e] if ids.size else np.arange(s, e, dtype=np.int64)
+                if mask.size:
+                    allowed = mask[0, rid][None, :] if mask.shape[0] == 1 else mask[qs[:, None], rid[None, :]]
+                    d = np.where(allowed, d, np.float32(np.inf))
+                best_d[qs], best_i[qs] = merge_topk(best_d[qs], best_i[qs], d, rid, k)
+        best_i[~np.isfinite(best_d)] = -1
+        best_d[best_i < 0] = np.inf
+        return best_d, best_i
 
     # ------------------------------------------------------------------ hooks
     @abc.abstractmethod
@@ -369,6 +512,12 @@ class ComposedCodec(Codec):
     def _distances(self, q: np.ndarray, codes: np.ndarray, metric: Metric) -> np.ndarray:
         yq, off = self.reducer.transform_queries(q, metric)
         return self.inner.distances(yq, codes, metric) + off[:, None]
+
+    def _search_lists(self, q, codes, k, metric, offsets, ids, probes, bias, mask):
+        # a reducer's query offset is one number per query: it shifts distances, not the ranking
+        yq, off = self.reducer.transform_queries(q, metric)
+        dist, found = self.inner._search_lists(yq, codes, k, metric, offsets, ids, probes, bias, mask)
+        return dist + off[:, None], found
 
     def get_state(self) -> dict[str, StateValue]:
         self._check_fitted()

@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from embpress.vectors.codec import Codec, register_codec
+from embpress.vectors.kernels import lut_queries
 from embpress.vectors.metric import Metric
 from embpress.vectors.scan import lut_scan, unpack_fields
 
@@ -121,14 +122,21 @@ class ProductQuantizer(Codec):
         parts = self.centroids_[np.arange(self.m), idx]  # (N, M, dsub)
         return self._unrotate(parts.reshape(codes.shape[0], -1))
 
-    def _distances(self, q: np.ndarray, codes: np.ndarray, metric: Metric) -> np.ndarray:
+    def _luts(self, q: np.ndarray, metric: Metric) -> np.ndarray:
+        """(nq, M, K) float32 lookup tables: distance of each query sub-vector to each centroid."""
         qr = self._rotate(q).reshape(q.shape[0], self.m, -1)  # (nq, M, dsub)
         ip = np.einsum("qmd,mkd->qmk", qr, self.centroids_)  # (nq, M, K)
         if metric is Metric.L2:
-            luts = (qr * qr).sum(-1)[:, :, None] - 2 * ip + (self.centroids_**2).sum(-1)[None]
-        else:
-            luts = -ip
-        return lut_scan(luts.astype(np.float32), self._indices(codes))
+            return ((qr * qr).sum(-1)[:, :, None] - 2 * ip + (self.centroids_**2).sum(-1)[None]).astype(np.float32)
+        return (-ip).astype(np.float32)
+
+    def _distances(self, q: np.ndarray, codes: np.ndarray, metric: Metric) -> np.ndarray:
+        return lut_scan(self._luts(q, metric), self._indices(codes))
+
+    def _search_lists(self, q, codes, k, metric, offsets, ids, probes, bias, mask):
+        idx = codes if self.nbits == 8 else self._indices(codes).astype(np.uint16)
+        return lut_queries(lambda qq: self._luts(qq, metric), q, idx, k, offsets, ids, probes, bias, mask,
+                           rows=self._query_rows)
 
 
 @register_codec(r"opq(?P<m>\d+)(?:x(?P<nbits>\d+))?", form="opq{M}[x{nbits}]", examples=("opq4x4",))
@@ -168,3 +176,4 @@ class OptimizedProductQuantizer(ProductQuantizer):
         opq.train(x)
         self.rotation_ = faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in).astype(np.float32)
         self._train_pq(np.ascontiguousarray(self._rotate(x), dtype=np.float32))
+

@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from embpress.vectors.codec import Codec, register_codec
+from embpress.vectors.kernels import lut_queries
 from embpress.vectors.metric import Metric
 from embpress.vectors.scan import lut_scan, unpack_fields
 
@@ -116,3 +117,18 @@ class ResidualQuantizer(Codec):
             d = (q * q).sum(1)[:, None] - 2 * ip + self._norms(codes)[None, :]
             return np.maximum(d, 0)
         return -ip
+
+    def _search_lists(self, q, codes, k, metric, offsets, ids, probes, bias, mask):
+        idx = unpack_fields(codes, self.nbits, self.m)
+        idx = idx.astype(np.uint8 if self.nbits <= 8 else np.uint16)
+        scale = np.float32(2 if metric is Metric.L2 else 1)
+
+        def luts(qq: np.ndarray) -> np.ndarray:
+            return (-scale * np.einsum("qd,mkd->qmk", qq, self.codebooks_)).astype(np.float32)
+
+        extra = self._norms(codes) if metric is Metric.L2 else None
+        dist, found = lut_queries(luts, q, idx, k, offsets, ids, probes, bias, mask, rows=self._query_rows,
+                                  extra=extra)
+        if metric is Metric.L2:  # |q|^2 - 2 <q, x_hat> + |x_hat|^2
+            dist = np.maximum(dist + (q * q).sum(1)[:, None], 0)
+        return dist, found
