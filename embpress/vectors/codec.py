@@ -119,6 +119,9 @@ class Codec(abc.ABC):
     """
 
     is_reducer: ClassVar[bool] = False
+    residual_ok: ClassVar[bool] = False
+    """True when the IP distance is ``-<q, decode(code)>`` exactly, so an IVF index may encode the
+    residual to a coarse centroid and add ``-<q, c>`` per list."""
     _batch_rows: ClassVar[int] = 1 << 15
     _query_rows: ClassVar[int] = 1024  # queries scored at once (bounds lookup-table memory)
 

@@ -54,6 +54,8 @@ class ProductQuantizer(Codec):
         (1000, 2)
     """
 
+    residual_ok = True
+
     _name = "pq"
 
     def __init__(self, *, m: int, nbits: int = 8, seed: int = 0):

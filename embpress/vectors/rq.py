@@ -45,6 +45,8 @@ class ResidualQuantizer(Codec):
         (500, 5)
     """
 
+    residual_ok = True
+
     def __init__(self, *, m: int, nbits: int = 8, beam_size: int = 5, seed: int = 0):
         self.m = m
         self.nbits = nbits

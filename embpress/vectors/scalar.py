@@ -28,6 +28,8 @@ class Float16Codec(Codec):
         (2, 8)
     """
 
+    residual_ok = True
+
     def __init__(self) -> None:
         pass
 
@@ -72,6 +74,8 @@ class ScalarQuantizer(Codec):
         >>> sq.code_bytes, float(np.abs(sq.decode(sq.encode(x)) - x).max() <= sq.vdiff_.max() / 15)
         (3, 1.0)
     """
+
+    residual_ok = True
 
     def __init__(self, *, bits: int = 8):
         self.bits = bits

@@ -96,6 +96,72 @@ def read_vectors(path: str | os.PathLike, *, d: int | None = None, mmap: bool = 
     return x
 
 
+class VectorFile:
+    """Row blocks of a ``.npy`` or raw ``.f32`` vector file, read with ``pread`` (never mapped whole).
+
+    Streaming through a memory map would count every page read as resident memory; reading blocks
+    into fresh arrays keeps the peak at one block however large the file.
+
+    Attributes: ``n`` rows, ``d`` columns, ``dtype`` as stored.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, d: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"vector file {self.path} not found")
+        suffix = self.path.suffix.lower()
+        size = self.path.stat().st_size
+        if suffix == ".npy":
+            with open(self.path, "rb") as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, fortran, dtype = read(fh)
+                except ValueError as e:
+                    raise ValueError(f"{self.path}: unreadable .npy header ({e})") from None
+                self.offset = fh.tell()
+            if len(shape) != 2 or fortran:
+                raise ValueError(f"{self.path}: expected a C-ordered 2-D array (N, D), got shape {shape}"
+                                 f"{' in Fortran order' if fortran else ''}")
+            self.n, self.d = int(shape[0]), int(shape[1])
+            self.dtype = np.dtype(dtype)
+        elif suffix == ".f32":
+            if d is None:
+                raise ValueError(f"{self.path}: a raw .f32 file needs its dimension: pass d")
+            self.offset, self.dtype, self.d = 0, np.dtype("<f4"), int(d)
+            if self.d < 1 or size % (4 * self.d):
+                raise ValueError(f"{self.path}: {size} bytes is not a whole number of float32 rows of d={d}")
+            self.n = size // (4 * self.d)
+        else:
+            raise ValueError(f"{self.path}: cannot stream {suffix!r} files; use .npy or .f32 "
+                             "(convert .fvecs with read_vectors + np.save)")
+        if self.dtype.kind not in "fiu":
+            raise ValueError(f"{self.path}: expected real numbers, got dtype {self.dtype}")
+        expect = self.offset + self.n * self.d * self.dtype.itemsize
+        if size != expect:
+            raise ValueError(f"{self.path}: {size} bytes, but its header promises {expect} "
+                             f"({self.n} x {self.d} {self.dtype}); the file is truncated or extended")
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as a new (stop-start, d) float32 array."""
+        start, stop = max(0, start), min(self.n, stop)
+        row = self.d * self.dtype.itemsize
+        nbytes = (stop - start) * row
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            buf = bytearray(nbytes)
+            view, got = memoryview(buf), 0
+            while got < nbytes:
+                chunk = os.preadv(fd, [view[got:]], self.offset + start * row + got)
+                if chunk == 0:
+                    raise ValueError(f"{self.path}: file ended at row {start + got // row} while reading "
+                                     f"rows {start}:{stop}; it changed while being read")
+                got += chunk
+        finally:
+            os.close(fd)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(stop - start, self.d).astype(np.float32)
+
+
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()
