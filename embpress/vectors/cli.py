@@ -90,6 +90,75 @@ def eval_cmd(
     _out.print(f"wrote {out / 'results.jsonl'}, {md}, {png}")
 
 
+@app.command("build")
+def build_cmd(
+    base: Path = typer.Option(..., "--base", help="Corpus vectors (.npy, or raw .f32 with --dim); may exceed RAM."),
+    index: str = typer.Option(..., "--index", help="Index spec, e.g. 'ivf4096,pq32', 'ivf1024,sq8', 'sq8'."),
+    out: Path = typer.Option(..., "--out", help="Index folder to write."),
+    rerank: bool = typer.Option(False, "--rerank/--no-rerank", help="Keep float32 originals for exact re-ranking."),
+    metric: str = typer.Option("ip", "--metric", help="ip, cosine or l2."),
+    train_size: int = typer.Option(100_000, "--train-size", help="Random rows the codec (and k-means) train on."),
+    nprobe: int = typer.Option(1, "--nprobe", help="Default lists scanned per query (IVF)."),
+    dim: int | None = typer.Option(None, "--dim", help="Dimension of a raw .f32 base file."),
+    block_size: int = typer.Option(1 << 16, "--block-size", help="Rows encoded at once."),
+    threads: int | None = typer.Option(None, "--threads", help="Threads (FAISS, numba, BLAS)."),
+    seed: int = typer.Option(0, "--seed"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Build an index folder from a vector file, streaming it block by block."""
+    from embpress.vectors.build import build_index
+    from embpress.vectors.kernels import limit_threads
+
+    try:
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        with limit_threads(threads):
+            idx, t = build_index(base, index, out, metric=metric, train_size=train_size, rerank=rerank,
+                                 nprobe=nprobe, seed=seed, block_size=block_size, d=dim, progress=progress)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise _fail(str(e)) from None
+    _out.print(f"{out}: {idx!r}; {idx.bytes_per_vector()} B/vector in RAM, fit {t['fit_s']:.1f} s, "
+               f"encode {t['vectors_per_s']:,.0f} vectors/s")
+
+
+@app.command("search")
+def search_cmd(
+    index_dir: Path = typer.Argument(..., help="An index folder written by `embpress vectors build`."),
+    queries: Path = typer.Option(..., "--queries", help="Query vectors (.npy, .fvecs)."),
+    k: int = typer.Option(10, "--k"),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="Lists scanned per query (IVF)."),
+    oversample: int = typer.Option(1, "--oversample", help="Re-rank k*oversample candidates exactly."),
+    out: Path | None = typer.Option(None, "--out", help="Write ids and distances to this .npz."),
+    threads: int | None = typer.Option(None, "--threads"),
+) -> None:
+    """Search an index folder; prints queries/s and writes ids/distances with --out."""
+    import time
+
+    import numpy as np
+
+    from embpress.atomic import atomic_open
+    from embpress.vectors.index import Index
+    from embpress.vectors.kernels import limit_threads
+    from embpress.vectors.vecio import read_vectors
+
+    try:
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        idx = Index.load(index_dir)
+        q = read_vectors(queries)
+        with limit_threads(threads):
+            t = time.perf_counter()
+            res = idx.search(np.asarray(q), k, nprobe=nprobe, oversample=oversample)
+            secs = time.perf_counter() - t
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise _fail(str(e)) from None
+    if out is not None:
+        with atomic_open(out, "wb") as fh:
+            np.savez(fh, ids=res.ids, distances=res.distances)
+    _out.print(f"{len(q):,} queries in {secs:.3f} s ({len(q) / secs:,.0f} queries/s)"
+               + (f"; wrote {out}" if out else ""))
+
+
 @app.command("report")
 def report_cmd(run_dir: Path = typer.Argument(..., help="A run folder holding results.jsonl.")) -> None:
     """Re-render report.md and pareto.png from a run's results.jsonl (nothing is re-measured)."""

@@ -57,6 +57,7 @@ import faiss
 import numpy as np
 
 from embpress.vectors.codec import Codec, NotFittedError, as_matrix, build_codec, codec_from_state
+from embpress.vectors.kernels import rerank_exact
 from embpress.vectors.metric import Metric, SearchResult, as_metric
 from embpress.vectors.vecio import VectorFile, append_f32, open_f32, sha256_file
 
@@ -67,7 +68,6 @@ HEADER = "header.json"
 _CODES, _STATE, _ATTRS, _ORIG = "codes.npy", "codec_state.npz", "attributes.npy", "originals.f32"
 _CENTROIDS, _OFFSETS, _IDS = "centroids.npy", "offsets.npy", "ids.npy"
 _IVF_SPEC = re.compile(r"ivf(?P<nlist>\d+)\s*,\s*(?P<codec>.+)")
-_RERANK_ELEMS = 1 << 23  # float32 gathered per re-ranking step
 _MASK_ROWS = 1 << 16  # attribute rows a filter predicate sees at once
 _MASK_BYTES = 1 << 27  # bound on a per-query mask chunk (queries x N bools)
 
@@ -302,7 +302,8 @@ class Index:
         """FAISS flat index over the centroids (inner product under ip/cosine, L2 otherwise)."""
         if self._quantizer is None:
             assert self.centroids_ is not None
-            qz = faiss.IndexFlatL2(self.d) if self.metric_ is Metric.L2 else faiss.IndexFlatIP(self.d)
+            d = self.centroids_.shape[1]
+            qz = faiss.IndexFlatL2(d) if self.metric_ is Metric.L2 else faiss.IndexFlatIP(d)
             qz.add(self.centroids_)
             self._quantizer = qz
         return self._quantizer
@@ -586,27 +587,9 @@ class Index:
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int) -> SearchResult:
         """Exact distances of the candidates (nq, kk) from the float32 originals; best k of them."""
         originals = self._open_originals()
-        nq, kk = cand.shape
-        d = q.shape[1]
-        out_d = np.full((nq, kk), np.inf, dtype=np.float32)
-        step = max(1, _RERANK_ELEMS // max(1, kk * d))
-        for s in range(0, nq, step):
-            ids = cand[s:s + step]
-            valid = ids >= 0
-            uniq = np.unique(ids[valid])
-            if uniq.size == 0:
-                continue
-            rows = np.asarray(originals[uniq], dtype=np.float32)  # sorted ids: near-sequential reads
-            vecs = rows[np.searchsorted(uniq, np.where(valid, ids, uniq[0]))]  # (m, kk, D)
-            qq = q[s:s + step]
-            ip = np.matmul(vecs, qq[:, :, None])[:, :, 0]
-            if self.metric_ is Metric.L2:
-                dd = np.einsum("mkd,mkd->mk", vecs, vecs) - 2 * ip + np.einsum("md,md->m", qq, qq)[:, None]
-                dd = np.maximum(dd, 0)
-            else:
-                dd = -ip
-            out_d[s:s + step] = np.where(valid, dd, np.inf)
-        return _sorted_topk(out_d, cand, k)
+        dist, ids = rerank_exact(q, originals, np.ascontiguousarray(cand, dtype=np.int64), k,
+                                 self.metric_ is Metric.L2)
+        return SearchResult(dist, ids)
 
     def _open_originals(self) -> np.ndarray:
         """The memory-mapped originals, re-checked against the index size before every use.

@@ -32,16 +32,23 @@ _NO_ID = np.iinfo(np.int64).max
 
 @contextlib.contextmanager
 def limit_threads(n: int | None) -> Iterator[None]:
-    """Run the compiled scans on ``n`` threads inside the block (``None``: leave as is)."""
+    """Run searches on ``n`` threads inside the block: these kernels, FAISS and BLAS (``None``: as is)."""
     if n is None:
         yield
         return
-    before = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    n = max(1, int(n))
+    before_nb, before_fs = numba.get_num_threads(), faiss.omp_get_max_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    faiss.omp_set_num_threads(n)
     try:
-        yield
+        with threadpool_limits(limits=n):
+            yield
     finally:
-        numba.set_num_threads(before)
+        numba.set_num_threads(before_nb)
+        faiss.omp_set_num_threads(before_fs)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -94,39 +101,63 @@ def _allowed(mask, qi, ident):
 
 @njit(cache=True, parallel=True)
 def lut_search(luts, idx, extra, offsets, ids, probes, bias, mask, k):
-    """Lookup-table (ADC) scan: ``d = bias[q, p] + sum_m luts[q, m, idx[row, m]] + extra[row]``.
+    """Lookup-table (ADC) scan: ``d = bias[q, p] + sum_m luts[m, q, idx[row, m]] + extra[row]``.
 
     Args:
-        luts: (nq, M, K) float32. idx: (N, M) uint8 or uint16 sub-codes.
+        luts: (M, nq, K) float32 (sub-space first: the layout one batched matmul gives). idx: (N, M) uint8 or uint16 sub-codes.
         extra: (N,) float32 per-row term, or empty. bias: (nq, P) float32, or (0, 0).
         offsets: (L+1,) int64. ids: (N,) int64 or empty. probes: (nq, P) int64. mask: see module.
 
     Returns:
         (nq, k) float32 distances and int64 ids, ascending.
     """
-    nq, m = luts.shape[0], luts.shape[1]
+    m, nq = luts.shape[0], luts.shape[1]
     out_d = np.empty((nq, k), dtype=np.float32)
     out_i = np.empty((nq, k), dtype=np.int64)
     has_ids, has_extra, has_bias = ids.shape[0] > 0, extra.shape[0] > 0, bias.shape[0] > 0
     for qi in prange(nq):
         hd = np.full(k, np.inf, dtype=np.float32)
         hi = np.full(k, _NO_ID, dtype=np.int64)
-        lut = luts[qi]
+        lut = luts[:, qi, :]
         for p in range(probes.shape[1]):
             lst = probes[qi, p]
             if lst < 0:
                 continue
             b = bias[qi, p] if has_bias else np.float32(0)
-            for row in range(offsets[lst], offsets[lst + 1]):
+            lo, hi_row = offsets[lst], offsets[lst + 1]
+            row = lo
+            # four codes at a time: four independent sums keep the adder busy (each code's own sum
+            # still runs in sub-code order, so distances equal the one-at-a-time loop's)
+            while row + 4 <= hi_row:
+                s0 = b
+                s1 = b
+                s2 = b
+                s3 = b
+                for j in range(m):
+                    t = lut[j]
+                    s0 += t[idx[row, j]]
+                    s1 += t[idx[row + 1, j]]
+                    s2 += t[idx[row + 2, j]]
+                    s3 += t[idx[row + 3, j]]
+                for u in range(4):
+                    r = row + u
+                    s = s0 if u == 0 else s1 if u == 1 else s2 if u == 2 else s3
+                    if has_extra:
+                        s += extra[r]
+                    ident = ids[r] if has_ids else r
+                    if _allowed(mask, qi, ident):
+                        _push(hd, hi, s, ident)
+                row += 4
+            while row < hi_row:
                 ident = ids[row] if has_ids else row
-                if not _allowed(mask, qi, ident):
-                    continue
                 s = b
                 for j in range(m):
                     s += lut[j, idx[row, j]]
                 if has_extra:
                     s += extra[row]
-                _push(hd, hi, s, ident)
+                if _allowed(mask, qi, ident):
+                    _push(hd, hi, s, ident)
+                row += 1
         _finish(hd, hi, out_d[qi], out_i[qi])
     return out_d, out_i
 
@@ -222,9 +253,42 @@ def planes_search(qwords, cwords, weights, nbits, offsets, ids, probes, mask, k)
     return out_d, out_i
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def rerank_exact(q, vectors, cand, k, l2):
+    """Exact distances of candidate ids (nq, C) (``-1`` = none) from float32 ``vectors`` (N, D); best k.
+
+    ``d = |q - x|^2`` when ``l2`` else ``-<q, x>`` in float32 (vectorised sums: the order of the
+    additions may differ from numpy's, within float32 rounding).
+    """
+    nq, c = cand.shape
+    d = q.shape[1]
+    out_d = np.empty((nq, k), dtype=np.float32)
+    out_i = np.empty((nq, k), dtype=np.int64)
+    for qi in prange(nq):
+        hd = np.full(k, np.inf, dtype=np.float32)
+        hi = np.full(k, _NO_ID, dtype=np.int64)
+        qv = q[qi]
+        for j in range(c):
+            ident = cand[qi, j]
+            if ident < 0:
+                continue
+            x = vectors[ident]
+            s = np.float32(0)
+            if l2:
+                for t in range(d):
+                    diff = qv[t] - x[t]
+                    s += diff * diff
+            else:
+                for t in range(d):
+                    s -= qv[t] * x[t]
+            _push(hd, hi, s, ident)
+        _finish(hd, hi, out_d[qi], out_i[qi])
+    return out_d, out_i
+
+
 def lut_queries(make_luts, q, idx, k, offsets, ids, probes, bias, mask, *, rows: int,
                 extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Run :func:`lut_search` over query chunks of ``rows`` (bounds the lookup tables' memory)."""
+    """Run :func:`lut_search` over query chunks of ``rows``; ``make_luts(q)`` gives (M, nq, K) tables."""
     nq = q.shape[0]
     out_d = np.empty((nq, k), np.float32)
     out_i = np.empty((nq, k), np.int64)

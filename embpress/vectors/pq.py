@@ -125,15 +125,25 @@ class ProductQuantizer(Codec):
         return self._unrotate(parts.reshape(codes.shape[0], -1))
 
     def _luts(self, q: np.ndarray, metric: Metric) -> np.ndarray:
-        """(nq, M, K) float32 lookup tables: distance of each query sub-vector to each centroid."""
-        qr = self._rotate(q).reshape(q.shape[0], self.m, -1)  # (nq, M, dsub)
-        ip = np.einsum("qmd,mkd->qmk", qr, self.centroids_)  # (nq, M, K)
+        """(M, nq, K) float32 lookup tables: distance of each query sub-vector to each centroid.
+
+        One batched matrix product per sub-space (BLAS), laid out sub-space first as the scan
+        kernels read it.
+        """
+        qr = self._rotate(q).reshape(q.shape[0], self.m, -1).transpose(1, 0, 2)  # (M, nq, dsub)
+        cent_t = self.__dict__.get("_cent_t")
+        if cent_t is None or cent_t.shape[0] != self.m:
+            cent_t = self._cent_t = np.ascontiguousarray(self.centroids_.transpose(0, 2, 1))  # (M, dsub, K)
+        ip = np.matmul(qr, cent_t)  # (M, nq, K)
         if metric is Metric.L2:
-            return ((qr * qr).sum(-1)[:, :, None] - 2 * ip + (self.centroids_**2).sum(-1)[None]).astype(np.float32)
-        return (-ip).astype(np.float32)
+            ip *= np.float32(-2)
+            ip += (qr * qr).sum(-1)[:, :, None]
+            ip += (self.centroids_**2).sum(-1)[:, None, :]
+            return ip
+        return np.negative(ip, out=ip)
 
     def _distances(self, q: np.ndarray, codes: np.ndarray, metric: Metric) -> np.ndarray:
-        return lut_scan(self._luts(q, metric), self._indices(codes))
+        return lut_scan(self._luts(q, metric).transpose(1, 0, 2), self._indices(codes))
 
     def _search_lists(self, q, codes, k, metric, offsets, ids, probes, bias, mask):
         idx = codes if self.nbits == 8 else self._indices(codes).astype(np.uint16)

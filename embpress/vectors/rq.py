@@ -126,7 +126,7 @@ class ResidualQuantizer(Codec):
         scale = np.float32(2 if metric is Metric.L2 else 1)
 
         def luts(qq: np.ndarray) -> np.ndarray:
-            return (-scale * np.einsum("qd,mkd->qmk", qq, self.codebooks_)).astype(np.float32)
+            return (-scale * np.einsum("qd,mkd->mqk", qq, self.codebooks_)).astype(np.float32)
 
         extra = self._norms(codes) if metric is Metric.L2 else None
         dist, found = lut_queries(luts, q, idx, k, offsets, ids, probes, bias, mask, rows=self._query_rows,
