@@ -4,23 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import faiss
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
+
+from embpress.vectors.kernels import limit_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """Keep BLAS, FAISS and torch on one thread: the test machine is shared."""
-    prev_torch, prev_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
+    """Keep BLAS, FAISS, numba and torch on one thread: the test machine is shared."""
+    prev_torch = torch.get_num_threads()
     torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    with threadpool_limits(1):
+    with limit_threads(1):
         yield
     torch.set_num_threads(prev_torch)
-    faiss.omp_set_num_threads(prev_faiss)
 
 
 def clustered(n: int, d: int, *, seed: int, clusters: int = 20, latent: int = 12, spread: float = 0.5,
