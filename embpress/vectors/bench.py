@@ -12,7 +12,6 @@ A run resumes: codecs whose record is already in ``results.jsonl`` are skipped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import shutil
@@ -36,6 +35,7 @@ from embpress.vectors.evaluate import (
     recall_at_k,
 )
 from embpress.vectors.index import Index
+from embpress.vectors.kernels import limit_threads
 from embpress.vectors.metric import Metric, as_metric, pairwise_distances
 
 REFERENCE = "float32"
@@ -169,22 +169,9 @@ def faiss_equivalent(spec: str, d: int) -> str | None:
     return None
 
 
-@contextlib.contextmanager
 def _threads(n: int | None):
-    """Limit BLAS (numpy) and OpenMP (FAISS) threads to ``n`` for a fair speed comparison."""
-    if n is None:
-        yield
-        return
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        with threadpool_limits(limits=n):
-            yield
-    finally:
-        faiss.omp_set_num_threads(before)
+    """Limit BLAS, FAISS and the compiled scans to ``n`` threads for a fair speed comparison."""
+    return limit_threads(n)
 
 
 def _beir(data: EvalSet, ids: np.ndarray, dist: np.ndarray) -> dict[str, float]:

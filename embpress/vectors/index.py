@@ -68,6 +68,7 @@ HEADER = "header.json"
 _CODES, _STATE, _ATTRS, _ORIG = "codes.npy", "codec_state.npz", "attributes.npy", "originals.f32"
 _CENTROIDS, _OFFSETS, _IDS = "centroids.npy", "offsets.npy", "ids.npy"
 _IVF_SPEC = re.compile(r"ivf(?P<nlist>\d+)\s*,\s*(?P<codec>.+)")
+_RESIDUAL_ROWS = 1 << 13  # rows whose residuals are formed at once while encoding
 _MASK_ROWS = 1 << 16  # attribute rows a filter predicate sees at once
 _MASK_BYTES = 1 << 27  # bound on a per-query mask chunk (queries x N bools)
 
@@ -313,10 +314,14 @@ class Index:
         return self._coarse().search(x, 1)[1][:, 0].astype(np.int64)
 
     def _encode(self, x: np.ndarray, lists: np.ndarray | None) -> np.ndarray:
-        if self.residual_:
-            assert lists is not None and self.centroids_ is not None
-            x = x - self.centroids_[lists]
-        return self.codec_.encode(x)
+        if not self.residual_:
+            return self.codec_.encode(x)
+        assert lists is not None and self.centroids_ is not None
+        out = np.empty((x.shape[0], self.codec_.code_bytes), dtype=np.uint8)
+        for s in range(0, x.shape[0], _RESIDUAL_ROWS):  # residuals a slice at a time: small temporaries
+            e = min(x.shape[0], s + _RESIDUAL_ROWS)
+            out[s:e] = self.codec_.encode(x[s:e] - self.centroids_[lists[s:e]])
+        return out
 
     # ------------------------------------------------------------------ build
     def fit(self, x: np.ndarray) -> Index:
@@ -397,6 +402,7 @@ class Index:
                     lists = self._assign(x) if self.nlist_ else None
                     self._pending.append((self._encode(x, lists), lists, self.ntotal))
                     self._append_originals(x)
+                    del x
                     self.ntotal += e - s
                     advance(e - s)
         if attrs is not None:
@@ -415,6 +421,7 @@ class Index:
                 x = self._prepare(reader.read(s, e), f"{name} rows {s}:{e}")
                 codes[s:e] = self._encode(x, None)
                 self._append_originals(x)
+                del x  # drop the block before the next read: one block alive at a time
                 self.ntotal = e
                 advance(e - s)
             self._codes, self._offsets = codes, np.array([0, n], dtype=np.int64)
@@ -437,6 +444,7 @@ class Index:
             codes[pos] = block_codes
             ids[pos] = np.arange(s, e, dtype=np.int64)
             self._append_originals(x)
+            del x, block_codes
             self.ntotal = e
             advance(e - s)
         self._codes, self._ids, self._offsets = codes, ids, offsets

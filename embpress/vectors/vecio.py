@@ -159,7 +159,8 @@ class VectorFile:
                 got += chunk
         finally:
             os.close(fd)
-        return np.frombuffer(buf, dtype=self.dtype).reshape(stop - start, self.d).astype(np.float32)
+        rows = np.frombuffer(buf, dtype=self.dtype).reshape(stop - start, self.d)
+        return rows if self.dtype == np.float32 else rows.astype(np.float32)  # no second copy for float32
 
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
