@@ -190,14 +190,37 @@ def hamming_search(qwords, cwords, offsets, ids, probes, mask, k):
             lst = probes[qi, p]
             if lst < 0:
                 continue
-            for row in range(offsets[lst], offsets[lst + 1]):
+            row, end = offsets[lst], offsets[lst + 1]
+            while row + 4 <= end:  # four codes at a time, as in lut_search
+                h0 = np.uint64(0)
+                h1 = np.uint64(0)
+                h2 = np.uint64(0)
+                h3 = np.uint64(0)
+                for j in range(w):
+                    t = qv[j]
+                    h0 += _popcount(t ^ cwords[row, j])
+                    h1 += _popcount(t ^ cwords[row + 1, j])
+                    h2 += _popcount(t ^ cwords[row + 2, j])
+                    h3 += _popcount(t ^ cwords[row + 3, j])
+                worst = hd[0]
+                for u in range(4):
+                    h = h0 if u == 0 else h1 if u == 1 else h2 if u == 2 else h3
+                    d = np.float32(h)
+                    if d > worst:
+                        continue
+                    ident = ids[row + u] if has_ids else row + u
+                    if _allowed(mask, qi, ident):
+                        _push(hd, hi, d, ident)
+                        worst = hd[0]
+                row += 4
+            while row < end:
                 ident = ids[row] if has_ids else row
-                if not _allowed(mask, qi, ident):
-                    continue
                 h = np.uint64(0)
                 for j in range(w):
                     h += _popcount(qv[j] ^ cwords[row, j])
-                _push(hd, hi, np.float32(h), ident)
+                if _allowed(mask, qi, ident):
+                    _push(hd, hi, np.float32(h), ident)
+                row += 1
         _finish(hd, hi, out_d[qi], out_i[qi])
     return out_d, out_i
 
