@@ -23,12 +23,12 @@ import pyarrow.compute as pc
 from embpress.data.preprocess import (
     RawChunk,
     Source,
-    check_file,
     count_lines,
     line_error,
     parse_dense,
     parse_labels,
     read_text_blocks,
+    source_files,
 )
 
 DENSE = tuple(f"I{i}" for i in range(1, 14))
@@ -67,10 +67,7 @@ class CriteoSource(Source):
 
     @classmethod
     def from_spec(cls, arg: str, *, cache_dir: Path, progress: bool) -> CriteoSource:
-        paths = [p for p in arg.split(",") if p]
-        if not paths:
-            raise ValueError("criteo spec needs a file: 'criteo:PATH[,PATH...]'")
-        return cls(paths=[check_file(Path(p).expanduser()) for p in paths])
+        return cls(paths=source_files(arg, form="criteo:PATH[,PATH...]"))
 
     @property
     def files(self) -> tuple[Path, ...]:

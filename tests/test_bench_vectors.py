@@ -1,4 +1,5 @@
-"""``embpress vectors eval`` / ``report``: records, report, resume, errors; BEIR from cached vectors."""
+"""The retrieval benchmark (``embpress vectors eval`` / ``report``): records, report, resume, errors;
+BEIR from cached vectors; FAISS equivalents and held-out queries."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ import pytest
 from typer.testing import CliRunner
 
 from embpress.bench.records import read_records
-from embpress.vectors.cli import app
+from embpress.bench.vectors import faiss_equivalent, holdout_queries
+from embpress.cli import app
 from embpress.vectors.encode import cache_path
 
 runner = CliRunner()
 FIELDS = {"codec", "bytes_per_vector", "k", "recall_at_k", "recall_at_k_rerank", "qps", "qps_rerank",
-          "encode_vps", "provenance", "dataset", "metric", "oversample"}
+          "encode_vps", "dataset", "metric", "oversample", "base", "queries", "codec_params", "threads"}
+
+
+def flat(path: Path) -> list[dict]:
+    """The records of a run, each as one level: config and metrics."""
+    return [{**r["config"], **r["metrics"], "kind": r["kind"]} for r in read_records(path)]
 
 
 def clustered(n: int, d: int, seed: int) -> np.ndarray:
@@ -32,16 +39,17 @@ def base_file(tmp_path_factory) -> Path:
 
 
 def run(*args: str):
-    return runner.invoke(app, ["eval", *args, "--no-progress", "--qps-time", "0"], catch_exceptions=False)
+    return runner.invoke(app, ["vectors", "eval", *args, "--no-progress", "--qps-time", "0"], catch_exceptions=False)
 
 
 def test_eval_base_writes_records_report_and_resumes(base_file, tmp_path):
     out = tmp_path / "run"
     res = run("--base", str(base_file), "--codecs", "sq8,bin,pq4x4", "--n-queries", "60", "--out", str(out))
     assert res.exit_code == 0, res.output
-    recs = read_records(out / "results.jsonl")
+    recs = flat(out / "results.jsonl")
     assert [r["codec"] for r in recs] == ["float32", "sq8", "bin", "pq4x4"]
     for r in recs:
+        assert r["kind"] == "vectors"
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["n"] == 1440 and r["nq"] == 60 and r["k"] == 10
     by = {r["codec"]: r for r in recs}
@@ -59,10 +67,10 @@ def test_eval_base_writes_records_report_and_resumes(base_file, tmp_path):
     res = run("--base", str(base_file), "--codecs", "sq8,fp16", "--n-queries", "60", "--out", str(out))
     assert res.exit_code == 0, res.output
     assert "skip sq8" in res.output
-    assert [r["codec"] for r in read_records(out / "results.jsonl")] == ["float32", "sq8", "bin", "pq4x4", "fp16"]
+    assert [r["codec"] for r in flat(out / "results.jsonl")] == ["float32", "sq8", "bin", "pq4x4", "fp16"]
     # re-render from records alone
     (out / "report.md").unlink()
-    res = runner.invoke(app, ["report", str(out)])
+    res = runner.invoke(app, ["vectors", "report", str(out)])
     assert res.exit_code == 0 and "`fp16`" in (out / "report.md").read_text()
 
 
@@ -72,7 +80,7 @@ def test_eval_explicit_queries_l2_without_faiss(base_file, tmp_path):
     res = run("--base", str(base_file), "--queries", str(q), "--codecs", "fp16", "--metric", "l2",
               "--no-faiss", "--k", "5", "--out", str(tmp_path / "r"))
     assert res.exit_code == 0, res.output
-    recs = read_records(tmp_path / "r" / "results.jsonl")
+    recs = flat(tmp_path / "r" / "results.jsonl")
     assert recs[1]["metric"] == "l2" and recs[1]["k"] == 5 and "faiss_qps" not in recs[1]
 
 
@@ -121,10 +129,37 @@ def test_eval_beir_from_cached_vectors(tmp_path):
     res = run("--beir", str(folder), "--model", "fake-model", "--cache", str(cache), "--codecs", "sq8,bin",
               "--metrics-backend", "numpy", "--metric", "l2", "--out", str(out))
     assert res.exit_code == 0, res.output
-    recs = read_records(out / "results.jsonl")
+    recs = flat(out / "results.jsonl")
     ref = recs[0]
     assert ref["codec"] == "float32" and ref["dataset"] == "mini:fake-model"
     assert ref["ndcg_at_10"] == pytest.approx(1.0) and ref["recall_at_100"] == pytest.approx(1.0)
     for r in recs:
         assert {"ndcg_at_10", "ndcg_at_10_rerank", "recall_at_100", "recall_at_100_rerank"} <= set(r)
     assert "nDCG@10" in (out / "report.md").read_text()
+
+
+def test_faiss_equivalents():
+    assert faiss_equivalent("sq8", 384) == "SQ8"
+    assert faiss_equivalent("fp16", 384) == "SQfp16"
+    assert faiss_equivalent("pq48", 384) == "PQ48x8np"
+    assert faiss_equivalent("pq16x4", 384) == "PQ16x4np"
+    assert faiss_equivalent("rq16x8", 384) == "RQ16x8"
+    assert faiss_equivalent("opq32", 384) == "OPQ32,PQ32x8np"
+    assert faiss_equivalent("pca128+sq8", 384) == "PCA128,SQ8"
+    assert faiss_equivalent("pca128", 384) == "PCA128,Flat"
+    assert faiss_equivalent("bin", 384) == "BinaryFlat"
+    assert faiss_equivalent("float32", 384) == "Flat"
+    assert faiss_equivalent("itq64", 384) == "ITQ64,LSH"
+    assert faiss_equivalent("itq768", 384) is None
+    for none in ("mrl192+sq8", "bebr1", "mrl64"):
+        assert faiss_equivalent(none, 384) is None
+
+
+def test_holdout_queries_is_disjoint_and_seeded():
+    x = np.arange(200, dtype=np.float32).reshape(100, 2)
+    base, q = holdout_queries(x, 10, seed=3)
+    assert base.shape == (90, 2) and q.shape == (10, 2)
+    assert not set(base[:, 0]) & set(q[:, 0])
+    np.testing.assert_array_equal(q, holdout_queries(x, 10, seed=3)[1])
+    with pytest.raises(ValueError, match="n_queries"):
+        holdout_queries(x, 100)
