@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
 
-import click
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compressed embedding tables and corpus vectors, with an honest benchmark.")
@@ -220,9 +220,11 @@ def vectors_eval(
             if queries is not None:
                 xq = read_vectors(queries)
             else:
-                if xb.shape[0] < 2:
-                    raise ValueError(f"--base {base} holds {xb.shape[0]} vector(s): too few to hold out queries")
-                xb, xq = holdout_queries(xb, min(n_queries, xb.shape[0] - 1), seed=seed)
+                if n_queries > xb.shape[0] // 2:
+                    raise ValueError(f"--n-queries {n_queries} is more than half of the {xb.shape[0]} vectors of "
+                                     f"--base {base} (the rest is the corpus); give --n-queries <= "
+                                     f"{xb.shape[0] // 2} or a --queries file")
+                xb, xq = holdout_queries(xb, n_queries, seed=seed)
             data = EvalSet(base.stem, xb, xq)
         if train_size is not None:
             data = dataclasses.replace(data, train=sample_rows(data.base, train_size, seed=seed))
@@ -250,13 +252,18 @@ def main(argv: list[str] | None = None) -> NoReturn:
     exit 2; an unexpected error prints one line and exits 1 (``EMBPRESS_DEBUG=1`` shows the traceback)."""
     try:
         rc = app(args=argv, prog_name="embpress", standalone_mode=False)
-    except click.exceptions.UsageError as e:
-        ctx = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-        console.print("error: " + " ".join(e.format_message().split()) + ctx, markup=False, highlight=False)
-        sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         console.print("aborted", markup=False)
         sys.exit(130)
+    except TyperException as e:  # usage errors: an unknown option, a value of the wrong type, a missing one
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        if type(e).__name__ == "NoArgsIsHelpError":  # `embpress vectors` alone: the help is the message
+            console.print(message, markup=False, highlight=False)
+            sys.exit(2)
+        command = getattr(getattr(e, "ctx", None), "command_path", None)
+        hint = f" (see `{command} --help`)" if command else ""
+        console.print("error: " + " ".join(message.split()) + hint, markup=False, highlight=False)
+        sys.exit(2)
     except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("EMBPRESS_DEBUG"):
             raise

@@ -134,6 +134,8 @@ def write_report_files(out: str | os.PathLike, kind: str, *, render_markdown: Ca
     """
     out = Path(out)
     path = out / RESULTS
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a run folder (a folder holding {RESULTS})")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `{producer} --out {out}` first")
     records = read_records(path, kind=kind)
