@@ -52,7 +52,7 @@ CASES = [
     ("bench --dataset libfm:{d}/a.libfm,{d}/a.libfm --out {d}/r", "is given twice"),
     ("bench --dataset criteo:{d}/c.tsv,{d}/./c.tsv --out {d}/r", "is given twice"),
     ("bench --dataset criteo:{d}/missing.tsv --out {d}/r", "data file not found"),
-    ("bench --dataset criteo: --out {d}/r", "dataset spec needs a file"),
+    ("bench --dataset criteo: --out {d}/r", "criteo spec needs a file"),
     ("bench --dataset nope:x --out {d}/r", "unknown dataset format 'nope'"),
     ("bench --dataset synthetic:rows=ten --out {d}/r", "synthetic option rows='ten'"),
     ("bench --dataset synthetic:bogus=1 --out {d}/r", "synthetic option 'bogus=1'"),

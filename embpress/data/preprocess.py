@@ -173,7 +173,7 @@ def source_files(arg: str, *, form: str) -> list[Path]:
     """
     parts = [p.strip() for p in arg.split(",")]
     if not any(parts):
-        raise ValueError(f"dataset spec needs a file: {form!r}")
+        raise ValueError(f"{form.split(':')[0]} spec needs a file: {form!r}")
     if not all(parts):
         raise ValueError(f"empty file name in {arg!r}: {form!r}")
     paths = [check_file(Path(p).expanduser()) for p in parts]
