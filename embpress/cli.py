@@ -15,7 +15,6 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from typer.exceptions import TyperException
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compressed embedding tables and corpus vectors, with an honest benchmark.")
@@ -252,11 +251,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
     exit 2; an unexpected error prints one line and exits 1 (``EMBPRESS_DEBUG=1`` shows the traceback)."""
     try:
         rc = app(args=argv, prog_name="embpress", standalone_mode=False)
-    except typer.Abort:
-        console.print("aborted", markup=False)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("interrupted (an interrupted run resumes where it stopped)", markup=False)
         sys.exit(130)
-    except TyperException as e:  # usage errors: an unknown option, a value of the wrong type, a missing one
-        message = e.format_message() if hasattr(e, "format_message") else str(e)
+    except Exception as e:
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not a (vendored) click error
+            _internal_error(e)
+        # usage errors: an unknown option, a value of the wrong type, a missing one
+        message = e.format_message()
         if type(e).__name__ == "NoArgsIsHelpError":  # `embpress vectors` alone: the help is the message
             console.print(message, markup=False, highlight=False)
             sys.exit(2)
@@ -264,13 +266,16 @@ def main(argv: list[str] | None = None) -> NoReturn:
         hint = f" (see `{command} --help`)" if command else ""
         console.print("error: " + " ".join(message.split()) + hint, markup=False, highlight=False)
         sys.exit(2)
-    except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
-        if os.environ.get("EMBPRESS_DEBUG"):
-            raise
-        console.print(f"error: internal error {type(e).__name__}: {' '.join(str(e).split())} (set EMBPRESS_DEBUG=1 "
-                      "for the traceback, and please report it)", markup=False, highlight=False)
-        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _internal_error(e: Exception) -> NoReturn:
+    """A bug, not bad input: still one line (exit 1) unless ``EMBPRESS_DEBUG`` asks for the traceback."""
+    if os.environ.get("EMBPRESS_DEBUG"):
+        raise e
+    console.print(f"error: internal error {type(e).__name__}: {' '.join(str(e).split())} (set EMBPRESS_DEBUG=1 "
+                  "for the traceback, and please report it)", markup=False, highlight=False)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

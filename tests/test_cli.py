@@ -128,3 +128,19 @@ def test_a_download_without_network_says_to_pass_a_local_path(tmp_path, capsys, 
 def test_no_arguments_prints_the_help(capsys):
     code, output = run_main(["vectors"], capsys)
     assert code == 2 and "Usage: embpress vectors" in output and "Traceback" not in output
+
+
+def test_an_unexpected_error_is_one_line_unless_debugging(tmp_path, capsys, monkeypatch):
+    from embpress.bench import ctr
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\nwent wrong")
+
+    monkeypatch.setattr(ctr, "run_bench", broken)
+    argv = ["bench", "--dataset", TINY, "--out", str(tmp_path / "r"), "--no-progress"]
+    code, output = run_main(argv, capsys)
+    assert code == 1 and output.strip() == ("error: internal error RuntimeError: something went wrong (set "
+                                            "EMBPRESS_DEBUG=1 for the traceback, and please report it)")
+    monkeypatch.setenv("EMBPRESS_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="went wrong"):
+        main(argv)
