@@ -50,10 +50,10 @@ def _positive(value: int | float | None, option: str, *, allow_zero: bool = Fals
 
 
 def _check_out(out: Path, kind: str) -> None:
-    from embpress.bench.records import run_folder
+    from embpress.bench.records import open_run
 
     try:
-        run_folder(out, kind)
+        open_run(out, kind)
     except BAD_INPUT as e:
         _fail(str(e))
 

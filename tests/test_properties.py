@@ -288,14 +288,14 @@ BAD_CRITEO = st.one_of(
 )
 
 
-def _load(spec: str, tmp: Path):
-    return load_dataset(spec, cache_dir=tmp / "cache", progress=False, min_count=1)
-
-
-def _assert_line_error(spec: str, tmp: Path, name: str, line: int) -> None:
-    with pytest.raises(ValueError) as e:
-        _load(spec, tmp)
-    assert f"{name}:{line}: " in str(e.value), str(e.value)
+def _assert_line_error(fmt: str, name: str, lines: list[str], line: int, **kw) -> None:
+    """Write ``lines`` to file ``name``, load it as ``fmt``: a ValueError must name ``name:line``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / name).write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError) as e:
+            load_dataset(f"{fmt}:{tmp / name}", cache_dir=tmp / "cache", progress=False, min_count=1, **kw)
+        assert f"{name}:{line}: " in str(e.value), str(e.value)
 
 
 @SLOW
@@ -303,13 +303,7 @@ def _assert_line_error(spec: str, tmp: Path, name: str, line: int) -> None:
 def test_criteo_malformed_line_is_named(bad, where, chunk):
     lines = [CRITEO] * 40
     lines[where] = bad
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        (tmp / "c.txt").write_text("\n".join(lines) + "\n")
-        with pytest.raises(ValueError) as e:
-            load_dataset(f"criteo:{tmp / 'c.txt'}", cache_dir=tmp / "cache", progress=False, min_count=1,
-                         chunk_rows=chunk)
-        assert f"c.txt:{where + 1}: " in str(e.value), str(e.value)
+    _assert_line_error("criteo", "c.txt", lines, where + 1, chunk_rows=chunk)
 
 
 AVAZU_HEADER = "id,click,hour,C1,site_id"
@@ -329,10 +323,7 @@ BAD_AVAZU = st.one_of(
 def test_avazu_malformed_line_is_named(bad, where):
     lines = [AVAZU_HEADER] + [AVAZU] * 30
     lines[where + 1] = bad
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        (tmp / "a.csv").write_text("\n".join(lines) + "\n")
-        _assert_line_error(f"avazu:{tmp / 'a.csv'}", tmp, "a.csv", where + 2)
+    _assert_line_error("avazu", "a.csv", lines, where + 2)
 
 
 LIBFM = "1 3:1 17:1"
@@ -351,10 +342,7 @@ BAD_LIBFM = st.one_of(
 def test_libfm_malformed_line_is_named(bad, where):
     lines = [LIBFM] * 30
     lines[where] = bad
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        (tmp / "x.libfm").write_text("\n".join(lines) + "\n")
-        _assert_line_error(f"libfm:{tmp / 'x.libfm'}", tmp, "x.libfm", where + 1)
+    _assert_line_error("libfm", "x.libfm", lines, where + 1)
 
 
 ML_RATING = "1\t10\t5\t881250949"
@@ -374,15 +362,15 @@ def test_movielens_malformed_line_is_named(bad, where):
     lines = [ML_RATING, "2\t10\t3\t891717742", "1\t20\t4\t878887116", "2\t20\t4\t886397596"] * 5
     lines[where] = bad
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        folder = tmp / "ml"
+        folder = Path(tmp) / "ml"
         folder.mkdir()
         (folder / "u.data").write_text("\n".join(lines) + "\n")
         (folder / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\n")
         flags = "|".join(["0"] * 19)
         (folder / "u.item").write_text(f"10|A (1995)|22-Jan-1996||http://x|{flags}\n"
                                        f"20|B (1998)|01-Jan-1995||http://x|{flags}\n")
-        _assert_line_error(f"movielens:{folder}", tmp, "u.data", where + 1)
+        with pytest.raises(ValueError, match=rf"u.data:{where + 1}: "):
+            load_dataset(f"movielens:{folder}", cache_dir=Path(tmp) / "cache", progress=False)
 
 
 CORPUS = '{"_id": "d1", "title": "", "text": "x"}'

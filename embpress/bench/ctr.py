@@ -23,8 +23,7 @@ from embpress.bench.records import (
     array_fingerprint,
     fingerprint,
     make_record,
-    read_records,
-    run_folder,
+    open_run,
     trial_id,
 )
 from embpress.data.schema import CTRDataset
@@ -251,8 +250,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
     Raises:
         ValueError: ``out`` is a file or holds records of another kind, or damaged records (file:line).
     """
-    path = run_folder(out, "ctr")
-    records = read_records(path, kind="ctr")
+    path, records = open_run(out, "ctr")
     done = {r["trial"] for r in records if r["status"] == "ok"}
     # "Unreachable" depends on the code that sized the table, and checking it again costs no training:
     # such trials are rebuilt on resume, and recorded again only if the verdict changed.

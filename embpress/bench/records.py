@@ -268,18 +268,19 @@ def read_records(path: str | os.PathLike, *, kind: str | None = None) -> list[di
     return records
 
 
-def run_folder(out: str | os.PathLike, kind: str) -> Path:
-    """The ``results.jsonl`` of run folder ``out`` for records of ``kind``, checked before any work.
+def open_run(out: str | os.PathLike, kind: str) -> tuple[Path, list[dict[str, Any]]]:
+    """The ``results.jsonl`` of run folder ``out`` and its records of ``kind``, checked before any work.
 
     Raises:
-        ValueError: ``out`` is a file, or its records are of the other kind or damaged (file:line).
+        NotADirectoryError: ``out`` is a file.
+        RecordError: records of the other kind, damaged or foreign records (file:line).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder (it will hold {RESULTS}, report.md, pareto.png)")
+        raise NotADirectoryError(f"--out {out} is a file; give a folder (it will hold {RESULTS}, report.md, "
+                                 "pareto.png)")
     path = out / RESULTS
-    read_records(path, kind=kind)
-    return path
+    return path, read_records(path, kind=kind)
 
 
 def latest_per_trial(records: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:

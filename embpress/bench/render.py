@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from embpress.atomic import atomic_write_bytes, atomic_write_text
-from embpress.bench.records import RESULTS, canonical_json, fingerprint, read_records
+from embpress.bench.records import RESULTS, canonical_json, fingerprint, open_run
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -133,12 +133,11 @@ def write_report_files(out: str | os.PathLike, kind: str, *, render_markdown: Ca
         RecordError: a damaged or foreign record, or records of the other kind (file:line).
     """
     out = Path(out)
-    path = out / RESULTS
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file, not a run folder (a folder holding {RESULTS})")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `{producer} --out {out}` first")
-    records = read_records(path, kind=kind)
+    if not (out / RESULTS).is_file():
+        raise FileNotFoundError(f"{out / RESULTS} not found: run `{producer} --out {out}` first")
+    _, records = open_run(out, kind)
     md, png = out / "report.md", out / "pareto.png"
     atomic_write_text(md, render_markdown(records))
     atomic_write_bytes(png, render_png(records))

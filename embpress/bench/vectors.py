@@ -28,15 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from embpress.bench.records import (
-    append_record,
-    array_fingerprint,
-    fingerprint,
-    make_record,
-    read_records,
-    run_folder,
-    trial_id,
-)
+from embpress.bench import records
 from embpress.vectors.codec import Codec, as_matrix, build_codec, code_size
 from embpress.vectors.evaluate import (
     beir_metrics,
@@ -371,19 +363,19 @@ def run_eval(data: EvalSet, codecs: Sequence[str], out_dir: str | Path, *, k: in
     data = dataclasses.replace(data, base=base, queries=queries, train=train)
     n, d = base.shape
     specs = [REFERENCE] + [s for s in check_specs(codecs, d) if s != REFERENCE]
-    results = run_folder(out_dir, "vectors")  # a file, or another kind's folder, fails before any work
-    done = {r["trial"]: r for r in read_records(results, kind="vectors") if r["status"] == "ok"}
+    results, recorded = records.open_run(out_dir, "vectors")  # a file or another kind's folder: before any work
+    done = {r["trial"]: r for r in recorded if r["status"] == "ok"}
     qrels = None
     if data.has_qrels:
-        qrels = fingerprint({"qrels": data.qrels, "corpus_ids": list(data.corpus_ids or ()),
+        qrels = records.fingerprint({"qrels": data.qrels, "corpus_ids": list(data.corpus_ids or ()),
                              "query_ids": list(data.query_ids or ()), "backend": data.metrics_backend})
-    shared = {"dataset": data.name, "base": array_fingerprint(base), "queries": array_fingerprint(queries),
-              "train": None if train is None else array_fingerprint(train), "qrels": qrels, "n": n, "d": d,
+    shared = {"dataset": data.name, "base": records.array_fingerprint(base), "queries": records.array_fingerprint(queries),
+              "train": None if train is None else records.array_fingerprint(train), "qrels": qrels, "n": n, "d": d,
               "nq": queries.shape[0], "train_n": n if train is None else train.shape[0], "metric": metric.value,
               "k": k, "oversample": oversample, "seed": seed, "threads": threads, "with_faiss": with_faiss,
               "qps_time": qps_time}
     gt = None
-    records = []
+    rows = []
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -392,10 +384,10 @@ def run_eval(data: EvalSet, codecs: Sequence[str], out_dir: str | Path, *, k: in
         for spec in specs:
             config = {**shared, "codec": spec,
                       "codec_params": "float32 (exact)" if spec == REFERENCE else repr(build_codec(spec, seed=seed))}
-            if trial_id(config) in done:
+            if records.trial_id(config) in done:
                 if log:
                     log(f"skip {spec}: already in {results}")
-                records.append(done[trial_id(config)])
+                rows.append(done[records.trial_id(config)])
                 bar.advance(task)
                 continue
 
@@ -418,8 +410,8 @@ def run_eval(data: EvalSet, codecs: Sequence[str], out_dir: str | Path, *, k: in
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             metrics["wall_seconds"] = time.perf_counter() - t0
-            rec = make_record("vectors", config, status="ok", metrics=metrics)
-            append_record(results, rec)
-            records.append(rec)
+            rec = records.make_record("vectors", config, status="ok", metrics=metrics)
+            records.append_record(results, rec)
+            rows.append(rec)
             bar.advance(task)
-    return records
+    return rows
