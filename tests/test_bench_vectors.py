@@ -163,3 +163,34 @@ def test_holdout_queries_is_disjoint_and_seeded():
     np.testing.assert_array_equal(q, holdout_queries(x, 10, seed=3)[1])
     with pytest.raises(ValueError, match="n_queries"):
         holdout_queries(x, 100)
+
+
+def test_settings_that_differ_are_separate_tables_and_resume_needs_them_all(base_file, tmp_path):
+    out = tmp_path / "run"
+    common = ("--base", str(base_file), "--codecs", "sq8", "--n-queries", "60", "--no-faiss", "--out", str(out))
+    assert run(*common).exit_code == 0
+    assert run(*common, "--k", "5").exit_code == 0  # another k: new trials, not skipped
+    res = run(*common, "--oversample", "2")
+    assert res.exit_code == 0 and "skip" not in res.output
+    res = run(*common)  # the first configuration again: everything skipped
+    assert res.exit_code == 0 and res.output.count("skip") == 2
+    recs = flat(out / "results.jsonl")
+    assert len(recs) == 6 and len({(r["k"], r["oversample"]) for r in recs}) == 3
+    report = (out / "report.md").read_text()
+    assert "## syn (k=10, oversample=4)" in report and "## syn (k=5, oversample=4)" in report
+    assert "## syn (k=10, oversample=2)" in report
+
+
+def test_other_data_under_the_same_name_is_another_trial(tmp_path):
+    """Two files of the same name (stem) and shape but other content are two data sets to resume."""
+    out = tmp_path / "run"
+    for seed in (0, 1):
+        folder = tmp_path / f"v{seed}"
+        folder.mkdir()
+        np.save(folder / "syn.npy", clustered(300, 16, seed))
+        res = run("--base", str(folder / "syn.npy"), "--codecs", "sq8", "--n-queries", "30", "--no-faiss",
+                  "--out", str(out))
+        assert res.exit_code == 0 and "skip" not in res.output, res.output
+    recs = read_records(out / "results.jsonl")
+    assert len(recs) == 4 and len({r["config"]["base"] for r in recs}) == 2
+    assert "## syn (base=" in (out / "report.md").read_text()
