@@ -75,6 +75,9 @@ def test_run_records_resume_and_report(tmp_path, tiny_data):
     md, png = write_report(tmp_path)
     text = md.read_text()
     assert "cannot reach" in text and "| hash | 4x |" in text and "Which method at which budget" in text
+    ok_rows = [r for r in aggregate(read_records(tmp_path / "results.jsonl")) if r.status == "ok"]
+    assert sorted((r.method, r.seeds) for r in ok_rows) == [("full", [0, 1]), ("hash", [0, 1]), ("noid", [0, 1])]
+    assert text.count("\n## ") == 1  # one table: the seeds are averaged, nothing else differs
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -173,7 +173,8 @@ def trial_config(trial: Trial, cfg: BenchConfig, data_fingerprint: dict[str, Any
     method = trial.method
     base = table_class(method.split("+")[0])
     tcfg = asdict(trial.train_config(cfg))
-    del tcfg["progress"]
+    for name in ("progress", "seed", "epochs", "batch_size", "lr"):  # progress changes nothing; the rest is above
+        del tcfg[name]
     return {
         "dataset": trial.dataset, "data": data_fingerprint, "model": trial.model,
         "model_hparams": _model_hparams(trial.model), "method": method, "ratio": trial.ratio,
