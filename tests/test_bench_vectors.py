@@ -63,10 +63,13 @@ def test_eval_base_writes_records_report_and_resumes(base_file, tmp_path):
     assert "|returned top-k ∩ exact top-k| / k" in report and "`pq4x4`" in report
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".work-*"))  # no scratch left behind
+    (out / ".work-999999999-abc").mkdir()  # the scratch of a run that was killed (its process is gone)
+    (out / ".work-999999999-abc" / "originals.f32").write_bytes(b"x" * 64)
     # resume: recorded codecs are skipped, new ones appended
     res = run("--base", str(base_file), "--codecs", "sq8,fp16", "--n-queries", "60", "--out", str(out))
     assert res.exit_code == 0, res.output
     assert "skip sq8" in res.output
+    assert not list(out.glob(".work-*"))  # the killed run's scratch was removed
     assert [r["codec"] for r in flat(out / "results.jsonl")] == ["float32", "sq8", "bin", "pq4x4", "fp16"]
     # re-render from records alone
     (out / "report.md").unlink()

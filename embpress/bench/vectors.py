@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from embpress.atomic import remove_stale
 from embpress.bench import records
 from embpress.vectors.codec import Codec, as_matrix, build_codec, code_size
 from embpress.vectors.evaluate import (
@@ -398,7 +400,8 @@ def run_eval(data: EvalSet, codecs: Sequence[str], out_dir: str | Path, *, k: in
                 step("exact ground truth")
                 gt = exact_knn(base, queries, k, metric).ids
             results.parent.mkdir(parents=True, exist_ok=True)
-            work = Path(tempfile.mkdtemp(prefix=".work-", dir=results.parent))
+            remove_stale(results.parent, ".work-")  # scratch of a run that was killed
+            work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=results.parent))
             t0 = time.perf_counter()
             try:
                 with _threads(threads):
