@@ -452,3 +452,25 @@ def test_vector_files_cut_or_damaged_are_refused_or_read_whole(cut, flip, kind):
         # what is read back is a whole 2-D array of the right width or shape (a flipped float byte
         # changes a value, which only a checksum could catch; vector files carry none)
         assert y.ndim == 2 and (y.shape[1] == 8 or kind == "npy")
+
+
+# ----------------------------------------------------------------------------------------- report grouping
+
+
+@FAST
+@given(trials=st.lists(st.tuples(st.sampled_from(["hash", "qr"]), st.sampled_from([4, 16]), st.sampled_from([1e-3, 3e-3]),
+                                 st.integers(0, 2), st.floats(0.5, 0.9)), min_size=1, max_size=12))
+def test_report_rows_are_whole_configurations_with_each_seed_once(trials):
+    from embpress.bench.report import aggregate
+
+    recs = [make_record("ctr", {"dataset": "d", "model": "dlrm", "method": m, "ratio": 10.0, "dim": dim, "lr": lr,
+                                "seed": seed}, status="ok",
+                        metrics={"auc": auc, "logloss": 0.5, "serving_bytes": 10, "achieved_ratio": 10.0})
+            for m, dim, lr, seed, auc in trials]
+    rows = aggregate(recs)
+    want: dict[tuple, dict[int, float]] = {}
+    for m, dim, lr, seed, auc in trials:  # the latest record of a trial counts, once
+        want.setdefault((m, dim, lr), {})[seed] = auc
+    got = {(r.method, r.config["dim"], r.config["lr"]): dict(zip(r.seeds, r.aucs, strict=True)) for r in rows}
+    assert got == want and len(got) == len(rows)
+    assert all(len(r.seeds) == len(set(r.seeds)) for r in rows)  # never one seed twice
