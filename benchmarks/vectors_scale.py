@@ -1,9 +1,10 @@
 """Retrieval at corpus scale: recall@10 against queries/s over nprobe, embpress IVF beside FAISS, one run.
 
-Data: N x D synthetic unit vectors with a power-law spectrum and cluster structure (in the spirit of
-``faiss.contrib.datasets.SyntheticDataset``: a random linear map of a low-rank latent, so the
-vectors are anisotropic like text embeddings), written to ``<out>/base.npy``; queries are drawn
-from the same distribution; ground truth is FAISS's exact inner-product search. Every
+Data (``--data``): N x D synthetic unit vectors, written to ``<out>/base.npy``, queries drawn from the
+same distribution, ground truth from FAISS's exact inner-product search. ``clusters``: a rank-96
+latent with a power-law spectrum and 4096 clusters, mapped to D dims, plus isotropic noise (hard
+for PQ: the noise is full-rank). ``faiss``: ``faiss.contrib.datasets.SyntheticDataset``'s recipe
+(10-dim Gaussian, linear map, ``sin``), normalised. Every
 configuration runs in its own process (clean peak RSS), one after another:
 
 - embpress ``Index`` built from the file with ``build_index`` (streaming), searched at each nprobe
@@ -47,7 +48,24 @@ def synthetic_unit_vectors(n: int, d: int, *, seed: int, rank: int = 96, n_clust
         yield (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_data(out: Path, n: int, d: int, nq: int) -> None:
+def faiss_style_unit_vectors(n: int, d: int, *, seed: int, chunk: int = 50_000):
+    """Yield (b, d) float32 unit vectors by ``faiss.contrib.datasets.SyntheticDataset``'s recipe: a 10-dim
+    Gaussian mapped linearly to d dims, scaled per dimension and bent by ``sin`` (low intrinsic
+    dimension, non-linear); rows L2-normalised for inner-product search."""
+    rs = np.random.RandomState(1338)  # the map is the data set's; the rows come from ``seed``
+    mapping = rs.rand(10, d)
+    scale = rs.rand(d) * 4 + 0.1
+    gen = np.random.default_rng(seed)
+    for s in range(0, n, chunk):
+        b = min(chunk, n - s)
+        x = np.sin((gen.standard_normal((b, 10)) @ mapping) * scale).astype(np.float32)
+        yield x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+GENERATORS = {"clusters": synthetic_unit_vectors, "faiss": faiss_style_unit_vectors}
+
+
+def make_data(out: Path, n: int, d: int, nq: int, kind: str = "clusters") -> None:
     base, queries, gt = out / "base.npy", out / "queries.npy", out / "gt.npy"
     if gt.exists():
         return
@@ -56,13 +74,14 @@ def make_data(out: Path, n: int, d: int, nq: int) -> None:
     print(f"writing {n:,} x {d} to {base}", flush=True)
     arr = np.lib.format.open_memmap(str(base) + ".tmp.npy", mode="w+", dtype=np.float32, shape=(n, d))
     s = 0
-    for block in synthetic_unit_vectors(n, d, seed=0):
+    gen = GENERATORS[kind]
+    for block in gen(n, d, seed=0):
         arr[s:s + len(block)] = block
         s += len(block)
     arr.flush()
     del arr
     os.replace(str(base) + ".tmp.npy", base)
-    q = next(synthetic_unit_vectors(nq, d, seed=1))
+    q = next(gen(nq, d, seed=1))
     np.save(queries, q)
     x = np.load(base, mmap_mode="r")
     flat = faiss.IndexFlatIP(d)
@@ -244,6 +263,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--d", type=int, default=384)
     ap.add_argument("--nq", type=int, default=1000)
+    ap.add_argument("--data", choices=sorted(GENERATORS), default="clusters",
+                    help="clusters: power-law spectrum, 4096 clusters, isotropic noise (hard for PQ); "
+                         "faiss: SyntheticDataset's low-dimensional non-linear recipe")
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--train-size", type=int, default=100_000)
     ap.add_argument("--threads", type=int, default=1)
@@ -257,7 +279,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    make_data(args.out, args.n, args.d, args.nq)
+    make_data(args.out, args.n, args.d, args.nq, args.data)
     nprobes = [int(p) for p in args.nprobes.split(",")]
     confs = [{"system": "embpress", "spec": s.format(nlist=args.nlist), "params": nprobes,
               "oversample": args.oversample} for s in args.specs.split(";") if s]

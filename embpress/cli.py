@@ -1,24 +1,69 @@
-"""The ``embpress`` command: parses arguments, calls the library, prints. No logic lives here."""
+"""The ``embpress`` command: parses arguments, checks them, calls the library, prints. No logic lives here.
+
+Bad input (options, files, run folders, records) is refused before any work with one line on
+stderr, ``error: ...`` naming the value and the fix, and exit status 2; never a traceback.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compressed embedding tables and corpus vectors, with an honest benchmark.")
+vectors_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                          help="Compress corpus vectors, search the codes, and benchmark recall against bytes.")
+app.add_typer(vectors_app, name="vectors", help="Compress, search and evaluate corpus vectors.")
 console = Console(stderr=True, soft_wrap=True)
+_out = Console(soft_wrap=True)
 
 QUICK_DATASET = "synthetic:rows=200000"
 DEFAULT_DATASET = "synthetic"
+BAD_INPUT = (ValueError, TypeError, OSError, ImportError)
+"""What bad input raises in the library (RecordError, CacheError and BudgetError are ValueErrors;
+missing files, folders and an unreachable network are OSErrors): exit status 2, one line."""
 
 
-def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
+def _fail(msg: str) -> NoReturn:
+    """Print ``error: msg`` on one line (no markup, no wrapping) and exit with status 2."""
+    console.print("error: " + " ".join(str(msg).split()), markup=False, highlight=False)
     raise typer.Exit(2)
+
+
+def _positive(value: int | float | None, option: str, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    low = 0 if allow_zero else 1
+    if isinstance(value, float):
+        ok = value == value and value != float("inf") and value >= low
+    else:
+        ok = value >= low
+    if not ok:
+        _fail(f"{option} must be >= {low}, got {value}")
+
+
+def _check_out(out: Path, kind: str) -> None:
+    from embpress.bench.records import open_run
+
+    try:
+        open_run(out, kind)
+    except BAD_INPUT as e:
+        _fail(str(e))
+
+
+def _guard(fn: Callable[[], object]) -> object:
+    """Run ``fn``; bad input becomes one line and exit status 2."""
+    try:
+        return fn()
+    except BAD_INPUT as e:
+        _fail(str(e) or type(e).__name__)
 
 
 @app.command()
@@ -51,39 +96,35 @@ def bench(
         run_bench,
     )
     from embpress.bench.report import write_report
-    from embpress.data.registry import load_dataset
+    from embpress.data.registry import check_spec, load_dataset
 
-    try:
-        cfg = BenchConfig(
-            datasets=tuple(dataset) if dataset else ((QUICK_DATASET,) if quick else (DEFAULT_DATASET,)),
+    def config() -> BenchConfig:
+        datasets = tuple(dataset) if dataset else ((QUICK_DATASET,) if quick else (DEFAULT_DATASET,))
+        for spec in datasets:
+            check_spec(spec)  # format, options and files, before any loading
+        return BenchConfig(
+            datasets=datasets,
             models=parse_list(model, str, "model"),
             methods=resolve_methods(parse_list(methods, str, "methods") or DEFAULT_METHODS),
             ratios=parse_list(ratios, float, "ratios") or DEFAULT_RATIOS,
             seeds=parse_list(seeds, int, "seeds") or ((0,) if quick else (0, 1, 2)),
             epochs=epochs, dim=dim, batch_size=batch_size, lr=lr, threads=threads, progress=progress,
         )
-    except ValueError as e:
-        _fail(str(e))
-    from embpress.models import registered_models
 
-    for m in cfg.models:
-        if m not in registered_models():
-            _fail(f"unknown model {m!r}; available: {registered_models()}")
+    cfg = _guard(config)
+    _check_out(out, "ctr")
 
     def load(spec: str):
-        console.print(f"loading {spec} ...")
+        console.print(f"loading {spec} ...", markup=False)
         return load_dataset(spec, progress=progress)
 
-    try:
-        outcome = run_bench(cfg, out, load=load, log=console.print)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-    md, png = write_report(out)
-    console.print(f"{outcome.ran} trials run, {outcome.skipped} already recorded; wrote {md} and {png}")
+    outcome = _guard(lambda: run_bench(cfg, out, load=load, log=lambda m: console.print(m, markup=False)))
+    md, png = _guard(lambda: write_report(out))
+    console.print(f"{outcome.ran} trials run, {outcome.skipped} already recorded; wrote {md} and {png}", markup=False)
     if outcome.failed:
-        console.print(f"[red]{len(outcome.failed)} trial(s) failed:[/red]")
+        console.print(f"{len(outcome.failed)} trial(s) failed:", markup=False)
         for f in outcome.failed:
-            console.print(f"  {f}")
+            console.print(f"  {f}", markup=False)
         raise typer.Exit(1)
 
 
@@ -92,24 +133,229 @@ def report(out: Annotated[Path, typer.Argument(help="Run folder holding results.
     """Re-render report.md and pareto.png from the records of a run folder."""
     from embpress.bench.report import write_report
 
+    md, png = _guard(lambda: write_report(out))
+    console.print(f"wrote {md} and {png}", markup=False)
+
+
+@vectors_app.command("eval")
+def vectors_eval(
+    codecs: str = typer.Option(..., "--codecs", help="Comma-separated codec specs, e.g. 'fp16,sq8,pq48,pca128+sq8'."),
+    out: Path = typer.Option(..., "--out", help="Run folder: results.jsonl, report.md, pareto.png."),
+    base: Path | None = typer.Option(None, "--base", help="Corpus vectors (.npy, .fvecs)."),
+    queries: Path | None = typer.Option(None, "--queries", help="Query vectors; default: hold out --n-queries of the base."),
+    n_queries: int = typer.Option(1000, "--n-queries", help="Queries held out of the base when --queries is absent."),
+    train_size: int | None = typer.Option(None, "--train-size",
+                                          help="Fit codecs (ours and FAISS) on this many random base vectors."),
+    beir: Path | None = typer.Option(None, "--beir", help="A BEIR/MTEB folder (corpus.jsonl, queries.jsonl, qrels)."),
+    model: str | None = typer.Option(None, "--model", help="sentence-transformers model name or path (with --beir)."),
+    split: str = typer.Option("test", "--split", help="qrels split (with --beir)."),
+    cache: Path | None = typer.Option(None, "--cache", help="Embedding cache folder (default ~/.cache/embpress)."),
+    metrics_backend: str = typer.Option("ranx", "--metrics-backend", help="nDCG/recall@100 via 'ranx' or 'numpy'."),
+    encode_threads: int | None = typer.Option(None, "--encode-threads", help="torch threads while encoding text."),
+    k: int = typer.Option(10, "--k", help="recall@k cut-off."),
+    oversample: int = typer.Option(4, "--oversample", help="Re-rank the top k*oversample candidates exactly."),
+    metric: str = typer.Option("ip", "--metric", help="ip, cosine or l2."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(1, "--threads", help="Threads for search, ours and FAISS alike."),
+    faiss: bool = typer.Option(True, "--faiss/--no-faiss", help="Measure the FAISS equivalents."),
+    qps_time: float = typer.Option(0.5, "--qps-time", help="Seconds of repeated searches per queries/s figure."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Benchmark codecs on vectors (--base) or on a BEIR folder encoded with a text model (--beir)."""
+    from embpress.bench.ctr import parse_list
+    from embpress.bench.vectors import REFERENCE, EvalSet, holdout_queries, run_eval, sample_rows
+    from embpress.bench.vectors_report import render_report
+    from embpress.vectors.codec import build_codec
+    from embpress.vectors.metric import as_metric
+
+    for value, option in ((n_queries, "--n-queries"), (train_size, "--train-size"), (k, "--k"),
+                          (oversample, "--oversample"), (threads, "--threads"), (encode_threads, "--encode-threads")):
+        _positive(value, option)
+    _positive(qps_time, "--qps-time", allow_zero=True)
+    if metrics_backend not in ("ranx", "numpy"):
+        _fail(f"--metrics-backend must be 'ranx' or 'numpy', got {metrics_backend!r}")
+    if (base is None) == (beir is None):
+        _fail("give exactly one of --base (vectors) or --beir (a BEIR folder)")
+    if beir is None and (model is not None or cache is not None):
+        _fail("--model and --cache apply to --beir only; drop them with --base")
+    if queries is not None and base is not None and queries.resolve() == base.resolve():
+        _fail(f"--queries {queries} is the --base file: every query would find itself; omit --queries to hold "
+              "out --n-queries of the base, or give another file")
+    for path, option in ((base, "--base"), (queries, "--queries")):
+        if path is not None and not path.is_file():
+            _fail(f"{option} {path}: file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    if beir is not None and not beir.is_dir():
+        _fail(f"--beir {beir}: folder not found")
+    specs = _guard(lambda: parse_list(codecs, str, "codecs"))
+
+    def check_specs() -> None:
+        as_metric(metric)
+        for s in specs:
+            if s != REFERENCE:
+                build_codec(s)  # syntax check before loading or encoding anything
+
+    _guard(check_specs)
+    _check_out(out, "vectors")
+
+    def load() -> EvalSet:
+        if beir is not None:
+            from embpress.vectors.beir import load_beir
+            from embpress.vectors.encode import default_model_path, encode_texts, model_label
+
+            ds = load_beir(beir, split=split)
+            model_name = model or default_model_path()
+            _out.print(f"{ds.name}: {len(ds.corpus_ids):,} documents, {len(ds.query_ids):,} judged queries",
+                       markup=False)
+            xq = encode_texts(ds.query_texts, model=model_name, cache_dir=cache, num_threads=encode_threads,
+                              progress=progress, description="queries")
+            xb = encode_texts(ds.corpus_texts, model=model_name, cache_dir=cache, num_threads=encode_threads,
+                              progress=progress, description="corpus")
+            data = EvalSet(f"{ds.name}:{model_label(model_name)}", xb, xq, corpus_ids=ds.corpus_ids,
+                           query_ids=ds.query_ids, qrels=ds.qrels, metrics_backend=metrics_backend)
+        else:
+            from embpress.vectors.vecio import read_vectors
+
+            xb = read_vectors(base)
+            if queries is not None:
+                xq = read_vectors(queries)
+            else:
+                if n_queries > xb.shape[0] // 2:
+                    raise ValueError(f"--n-queries {n_queries} is more than half of the {xb.shape[0]} vectors of "
+                                     f"--base {base} (the rest is the corpus); give --n-queries <= "
+                                     f"{xb.shape[0] // 2} or a --queries file")
+                xb, xq = holdout_queries(xb, n_queries, seed=seed)
+            data = EvalSet(base.stem, xb, xq)
+        if train_size is not None:
+            data = dataclasses.replace(data, train=sample_rows(data.base, train_size, seed=seed))
+        return data
+
+    data = _guard(load)
+    _guard(lambda: run_eval(data, specs, out, k=k, oversample=oversample, metric=metric, seed=seed, threads=threads,
+                            with_faiss=faiss, qps_time=qps_time, progress=progress,
+                            log=lambda m: _out.print(m, markup=False)))
+    md, png = _guard(lambda: render_report(out))
+    _out.print(f"wrote {out / 'results.jsonl'}, {md}, {png}", markup=False)
+
+
+@vectors_app.command("build")
+def vectors_build(
+    base: Path = typer.Option(..., "--base", help="Corpus vectors (.npy, or raw .f32 with --dim); may exceed RAM."),
+    index: str = typer.Option(..., "--index", help="Index spec, e.g. 'ivf4096,pq32', 'ivf1024,sq8', 'sq8'."),
+    out: Path = typer.Option(..., "--out", help="Index folder to write."),
+    rerank: bool = typer.Option(False, "--rerank/--no-rerank", help="Keep float32 originals for exact re-ranking."),
+    metric: str = typer.Option("ip", "--metric", help="ip, cosine or l2."),
+    train_size: int = typer.Option(100_000, "--train-size", help="Random rows the codec (and k-means) train on."),
+    nprobe: int = typer.Option(1, "--nprobe", help="Default lists scanned per query (IVF)."),
+    dim: int | None = typer.Option(None, "--dim", help="Dimension of a raw .f32 base file."),
+    block_size: int = typer.Option(1 << 16, "--block-size", help="Rows encoded at once."),
+    threads: int | None = typer.Option(None, "--threads", help="Threads (FAISS, numba, BLAS)."),
+    seed: int = typer.Option(0, "--seed"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Build an index folder from a vector file, streaming it block by block."""
+    from embpress.vectors.build import build_index
+    from embpress.vectors.index import Index
+    from embpress.vectors.kernels import limit_threads
+    from embpress.vectors.metric import as_metric
+    from embpress.vectors.vecio import VectorFile
+
+    for value, option in ((train_size, "--train-size"), (nprobe, "--nprobe"), (dim, "--dim"),
+                          (block_size, "--block-size"), (threads, "--threads")):
+        _positive(value, option)
+    _guard(lambda: (as_metric(metric), Index(index, nprobe=nprobe), VectorFile(base, d=dim)))
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; give a folder for the index")
+
+    def run():
+        with limit_threads(threads):
+            return build_index(base, index, out, metric=metric, train_size=train_size, rerank=rerank,
+                               nprobe=nprobe, seed=seed, block_size=block_size, d=dim, progress=progress)
+
+    idx, t = _guard(run)
+    _out.print(f"{out}: {idx!r}; {idx.bytes_per_vector()} B/vector in RAM, fit {t['fit_s']:.1f} s, "
+               f"encode {t['vectors_per_s']:,.0f} vectors/s", markup=False)
+
+
+@vectors_app.command("search")
+def vectors_search(
+    index_dir: Path = typer.Argument(..., help="An index folder written by `embpress vectors build`."),
+    queries: Path = typer.Option(..., "--queries", help="Query vectors (.npy, .fvecs)."),
+    k: int = typer.Option(10, "--k"),
+    nprobe: int | None = typer.Option(None, "--nprobe", help="Lists scanned per query (IVF)."),
+    oversample: int = typer.Option(1, "--oversample", help="Re-rank k*oversample candidates exactly."),
+    out: Path | None = typer.Option(None, "--out", help="Write ids and distances to this .npz."),
+    threads: int | None = typer.Option(None, "--threads"),
+) -> None:
+    """Search an index folder; prints queries/s and writes ids/distances with --out."""
+    import time
+
+    import numpy as np
+
+    from embpress.atomic import atomic_open
+    from embpress.vectors.index import Index
+    from embpress.vectors.kernels import limit_threads
+    from embpress.vectors.vecio import read_vectors
+
+    for value, option in ((k, "--k"), (nprobe, "--nprobe"), (oversample, "--oversample"), (threads, "--threads")):
+        _positive(value, option)
+    if out is not None and out.is_dir():
+        _fail(f"--out {out} is a folder; give a .npz file name")
+    idx = _guard(lambda: Index.load(index_dir))
+    q = _guard(lambda: np.asarray(read_vectors(queries)))
+
+    def run():
+        with limit_threads(threads):
+            t = time.perf_counter()
+            res = idx.search(q, k, nprobe=nprobe, oversample=oversample)
+            return res, time.perf_counter() - t
+
+    res, secs = _guard(run)
+    if out is not None:
+        with atomic_open(out, "wb") as fh:
+            np.savez(fh, ids=res.ids, distances=res.distances)
+    _out.print(f"{len(q):,} queries in {secs:.3f} s ({len(q) / secs:,.0f} queries/s)"
+               + (f"; wrote {out}" if out else ""), markup=False)
+
+
+@vectors_app.command("report")
+def vectors_report(run_dir: Path = typer.Argument(..., help="A run folder holding results.jsonl.")) -> None:
+    """Re-render report.md and pareto.png from a run's results.jsonl (nothing is re-measured)."""
+    from embpress.bench.vectors_report import render_report
+
+    md, png = _guard(lambda: render_report(run_dir))
+    _out.print(f"wrote {md}, {png}", markup=False)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: usage errors (unknown options, values of the wrong type) also print one line and
+    exit 2; an unexpected error prints one line and exits 1 (``EMBPRESS_DEBUG=1`` shows the traceback)."""
     try:
-        md, png = write_report(out)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
-    console.print(f"wrote {md} and {png}")
+        rc = app(args=argv, prog_name="embpress", standalone_mode=False)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("interrupted (an interrupted run resumes where it stopped)", markup=False)
+        sys.exit(130)
+    except Exception as e:
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):  # not a (vendored) click error
+            _internal_error(e)
+        # usage errors: an unknown option, a value of the wrong type, a missing one
+        message = e.format_message()
+        if type(e).__name__ == "NoArgsIsHelpError":  # `embpress vectors` alone: the help is the message
+            console.print(message, markup=False, highlight=False)
+            sys.exit(2)
+        command = getattr(getattr(e, "ctx", None), "command_path", None)
+        hint = f" (see `{command} --help`)" if command else ""
+        console.print("error: " + " ".join(message.split()) + hint, markup=False, highlight=False)
+        sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
-def _mount_subcommands() -> None:
-    from embpress.vectors.cli import app as vectors_app
-
-    app.add_typer(vectors_app, name="vectors", help="Compress, search and evaluate corpus vectors.")
-
-
-_mount_subcommands()
-
-
-def main() -> None:
-    app()
+def _internal_error(e: Exception) -> NoReturn:
+    """A bug, not bad input: still one line (exit 1) unless ``EMBPRESS_DEBUG`` asks for the traceback."""
+    if os.environ.get("EMBPRESS_DEBUG"):
+        raise e
+    console.print(f"error: internal error {type(e).__name__}: {' '.join(str(e).split())} (set EMBPRESS_DEBUG=1 "
+                  "for the traceback, and please report it)", markup=False, highlight=False)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

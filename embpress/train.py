@@ -8,6 +8,9 @@ bilevel stages update ``table.arch_parameters()`` on validation batches.
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
+import json
 import math
 import time
 import warnings
@@ -280,22 +283,74 @@ def train(model: CTRModel, data: CTRDataset, config: TrainConfig | None = None) 
     return Trainer(model, data, config).fit()
 
 
+CHECKPOINT_MAGIC = b"EMBPRESS-CHECKPOINT 2 sha256="
+"""A checkpoint file: this magic, the sha256 (64 hex digits) of the payload, a newline, then the
+payload (``torch.save`` of ``{"state_dict", "meta"}``, meta as JSON text)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is not an embpress checkpoint, or is truncated or damaged (names the file)."""
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, **meta: Any) -> None:
-    """Write the model's state and ``meta`` atomically (temporary file, then rename)."""
+    """Write the model's state and ``meta`` atomically (temporary file, then rename), with a sha256
+    of every byte after the header, so that :func:`load_checkpoint` detects any damage.
+
+    Raises:
+        ValueError: ``meta`` is not JSON-serialisable (say which key), before anything is written.
+    """
+    try:
+        meta_json = json.dumps(meta, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        bad = next((k for k, v in meta.items() if not _json_ok(v)), None)
+        raise ValueError(f"checkpoint meta must be JSON-serialisable (str, int, finite float, bool, None, lists "
+                         f"and dicts of them): key {bad!r} is not ({e}); convert it first, e.g. "
+                         f"float(x) or x.tolist()") from None
+    buf = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "meta": meta_json}, buf)
+    payload = buf.getvalue()
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
     with atomic_open(path, "wb") as fh:
-        torch.save({"format": 1, "state_dict": model.state_dict(), "meta": meta}, fh)
+        fh.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+        fh.write(payload)
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def load_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` into ``model``; returns its meta."""
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model``; returns its meta.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not an embpress checkpoint, truncated, or any byte changed (checksum).
+        RuntimeError: the state does not fit ``model`` (torch names the keys).
+    """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    data = path.read_bytes()
+    header_len = len(CHECKPOINT_MAGIC) + 64 + 1
+    if not data.startswith(CHECKPOINT_MAGIC) or len(data) < header_len or data[header_len - 1:header_len] != b"\n":
+        raise CheckpointError(f"checkpoint {path} is not an embpress checkpoint (format 2; header "
+                              f"{CHECKPOINT_MAGIC.decode()}...): damaged, or written by something else")
+    expected = data[len(CHECKPOINT_MAGIC):header_len - 1]
+    payload = memoryview(data)[header_len:]
+    if hashlib.sha256(payload).hexdigest().encode() != expected:
+        raise CheckpointError(f"checkpoint {path} is damaged: the sha256 of its {len(payload):,} payload bytes "
+                              "does not match its header (truncated or changed on disk); restore it or train again")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt files
-        raise ValueError(f"checkpoint {path} is unreadable or truncated: {e}") from None
-    if not isinstance(blob, dict) or blob.get("format") != 1:
-        raise ValueError(f"checkpoint {path} is not an embpress checkpoint (format 1)")
-    model.load_state_dict(blob["state_dict"])
-    return blob["meta"]
+        blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        meta = json.loads(blob["meta"])
+        state = blob["state_dict"]
+    except Exception as e:  # checksum matched: the writer itself was not save_checkpoint
+        raise CheckpointError(f"checkpoint {path} has an intact checksum but an unreadable payload: {e}") from None
+    model.load_state_dict(state)
+    return meta

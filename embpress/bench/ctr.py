@@ -7,6 +7,7 @@ skipping the trials already recorded. A method that cannot reach a ratio is reco
 
 from __future__ import annotations
 
+import inspect
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -14,13 +15,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from embpress.bench.records import append_record, provenance, read_records, record_key, recorded_keys
+from embpress.bench.records import (
+    append_record,
+    array_fingerprint,
+    fingerprint,
+    make_record,
+    open_run,
+    trial_id,
+)
 from embpress.data.schema import CTRDataset
-from embpress.models import build_model
+from embpress.models import CTRModel, build_model, registered_models
 from embpress.tables import BudgetError, Ratio, build_table, table_class
-from embpress.tables.base import CompressedTable
+from embpress.tables.base import CompressedTable, table_hparams
 from embpress.train import TrainConfig, Trainer
 
 DEFAULT_METHODS = ("full", "noid", "hash", "qr", "unified", "tt", "int8")
@@ -29,7 +38,8 @@ DEFAULT_EPOCHS = {"synthetic": 1, "criteo": 1, "avazu": 1, "movielens": 30, "lib
 """Epochs per stage when the grid does not set them: large click logs are trained for one epoch as
 in the CTR literature; small sets train longer and early stopping on validation AUC decides."""
 
-TRIAL_KEYS = ("dataset", "model", "method", "ratio", "seed", "dim", "epochs", "batch_size", "lr")
+TIMING_METRICS = ("train_samples_per_s", "train_seconds", "infer_lookups_per_s", "stage_seconds", "wall_seconds")
+"""Metrics that measure speed: they vary between runs of one trial (everything else must not)."""
 
 
 @dataclass(frozen=True)
@@ -50,13 +60,31 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for name in ("datasets", "models", "methods", "ratios", "seeds"):
-            if not getattr(self, name):
-                raise ValueError(f"bench: {name} must not be empty")
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"--{name}: the list is empty; give at least one value")
+            dup = sorted({str(v) for v in values if list(values).count(v) > 1})
+            if dup:
+                raise ValueError(f"--{name}: {', '.join(dup)} given more than once; give each value once")
         for r in self.ratios:
             Ratio(r)  # validates
         for m in self.methods:
             spec = m.split("+")[0]
             table_class(spec)  # unknown method -> ValueError listing the registered ones
+        for m in self.models:
+            if m not in registered_models():
+                raise ValueError(f"unknown model {m!r}; available: {registered_models()}")
+        for s in self.seeds:
+            if isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 0:
+                raise ValueError(f"--seeds: {s!r} is not a non-negative int")
+        for name, low in (("dim", 1), ("epochs", 1), ("batch_size", 1), ("threads", 1)):
+            v = getattr(self, name)
+            if v is None and name in ("epochs", "threads"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {v!r}")
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
+            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,10 @@ class Trial:
         """``DATASET MODEL METHOD@RATIOx seed S``, with the dataset's short ``name`` when given."""
         return f"{name or self.dataset} {self.model} {self.method}@{self.ratio:g}x seed {self.seed}"
 
+    def train_config(self, cfg: BenchConfig) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs(cfg), batch_size=cfg.batch_size, lr=cfg.lr, sparse_lr=cfg.lr,
+                           seed=self.seed, progress=cfg.progress)
+
 
 def plan_trials(cfg: BenchConfig) -> list[Trial]:
     """Every trial of the grid; reference methods (``full``, ``noid``) run once per seed at ratio 1."""
@@ -85,7 +117,7 @@ def plan_trials(cfg: BenchConfig) -> list[Trial]:
         for model in cfg.models:
             for seed in cfg.seeds:
                 for method in cfg.methods:
-                    if table_class(method.split("+")[0]).reference and "+" not in method:
+                    if _is_reference(method):
                         trials.append(Trial(ds, model, method, 1.0, seed))
                         continue
                     for r in cfg.ratios:
@@ -93,13 +125,67 @@ def plan_trials(cfg: BenchConfig) -> list[Trial]:
     return trials
 
 
-def _base_record(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> dict[str, Any]:
+def _is_reference(method: str) -> bool:
+    return table_class(method.split("+")[0]).reference and "+" not in method
+
+
+def _defaults(params: dict[str, inspect.Parameter]) -> dict[str, Any]:
+    """Default values of keyword parameters (``repr`` where JSON has no form for them)."""
+    out = {}
+    for name, p in sorted(params.items()):
+        v = p.default
+        out[name] = v if v is None or isinstance(v, bool | int | float | str) else repr(v)
+    return out
+
+
+def _model_hparams(name: str) -> dict[str, Any]:
+    todo, classes = [CTRModel], {}
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            classes[getattr(sub, "name", None)] = sub
+            todo.append(sub)
+    params = inspect.signature(classes[name].__init__).parameters
+    return _defaults({k: p for k, p in params.items()
+                      if p.kind == p.KEYWORD_ONLY and k not in ("table", "num_dense")})
+
+
+def dataset_fingerprint(data: CTRDataset) -> dict[str, Any]:
+    """What identifies the data a trial ran on: for a file dataset, the sha256 of every source file's
+    bytes and the processing options (from the cache's metadata); otherwise (synthetic, in memory)
+    a sha256 of every array of every split and of the fields' training counts."""
+    info = data.info
+    sources = info.get("sources")
+    if sources and all(isinstance(s, dict) and s.get("sha256") for s in sources):
+        from embpress.data.preprocess import PREPROCESS_VERSION
+
+        return {"sources_sha256": [s["sha256"] for s in sources], "format": info.get("format"),
+                "min_count": info.get("min_count"), "split_seed": info.get("seed"), "split": info.get("split"),
+                "preprocess": PREPROCESS_VERSION}
+    parts = [array_fingerprint(a) for s in (data.train, data.valid, data.test) for a in (s.dense, s.sparse, s.label)]
+    parts += [array_fingerprint(np.asarray(f.counts)) for f in data.fields]
+    return {"content_sha256": fingerprint(parts),
+            "rows": [len(data.train), len(data.valid), len(data.test)],
+            "num_embeddings": [f.num_embeddings for f in data.fields]}
+
+
+def trial_config(trial: Trial, cfg: BenchConfig, data_fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A trial's identity: every setting that can change its record, and the data's fingerprint."""
+    method = trial.method
+    base = table_class(method.split("+")[0])
+    tcfg = asdict(trial.train_config(cfg))
+    for name in ("progress", "seed", "epochs", "batch_size", "lr"):  # progress changes nothing; the rest is above
+        del tcfg[name]
     return {
-        **asdict(trial), "dim": cfg.dim, "epochs": trial.epochs(cfg), "batch_size": cfg.batch_size,
-        "lr": cfg.lr, "dataset_name": data.name,
-        "train_rows": len(data.train), "num_fields": len(data.fields),
-        "vocab_bytes": data.vocab_bytes, **provenance(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "dataset": trial.dataset, "data": data_fingerprint, "model": trial.model,
+        "model_hparams": _model_hparams(trial.model), "method": method, "ratio": trial.ratio,
+        "hparams": _defaults(table_hparams(base)), "seed": trial.seed, "dim": cfg.dim, "epochs": trial.epochs(cfg),
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "train": tcfg, "threads": cfg.threads,
     }
+
+
+def _data_metrics(data: CTRDataset) -> dict[str, Any]:
+    return {"dataset_name": data.name, "train_rows": len(data.train), "num_fields": len(data.fields),
+            "vocab_bytes": data.vocab_bytes}
 
 
 def measure_lookups_per_s(table: CompressedTable, ids: torch.Tensor, repeats: int = 3) -> float:
@@ -117,25 +203,23 @@ def measure_lookups_per_s(table: CompressedTable, ids: torch.Tensor, repeats: in
     return ids.numel() / best
 
 
-def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> dict[str, Any]:
-    """Build, train and measure one trial; returns its record (status ok or unreachable)."""
-    rec = _base_record(trial, cfg, data)
+def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> tuple[str, dict[str, Any], str | None]:
+    """Build, train and measure one trial: ``(status, metrics, reason)``, status ok or unreachable."""
+    metrics = _data_metrics(data)
     torch.manual_seed(trial.seed)
     spec = trial.method
-    reference = table_class(spec.split("+")[0]).reference and "+" not in spec
     try:
-        table = build_table(spec, fields=data.fields, dim=cfg.dim, budget=None if reference else Ratio(trial.ratio))
+        table = build_table(spec, fields=data.fields, dim=cfg.dim,
+                            budget=None if _is_reference(spec) else Ratio(trial.ratio))
     except BudgetError as e:
-        return {**rec, "status": "unreachable", "reason": str(e)}
+        return "unreachable", metrics, str(e)
     model = build_model(trial.model, table=table, num_dense=data.num_dense)
-    tcfg = TrainConfig(epochs=trial.epochs(cfg), batch_size=cfg.batch_size, lr=cfg.lr, sparse_lr=cfg.lr,
-                       seed=trial.seed, progress=cfg.progress)
-    result = Trainer(model, data, tcfg).fit()
+    result = Trainer(model, data, trial.train_config(cfg)).fit()
     serving = table.serving_bytes()
     ids = torch.from_numpy(data.test.sparse[:16384].astype("int64"))
     flops = getattr(table, "flops_per_lookup", None)
-    return {
-        **rec, "status": "ok", "full_bytes": table.full_bytes, "serving_bytes": serving,
+    return "ok", {
+        **metrics, "full_bytes": table.full_bytes, "serving_bytes": serving,
         "achieved_ratio": table.full_bytes / serving, "budget_bytes": table.max_bytes,
         "auc": result.test_auc, "logloss": result.test_logloss, "valid_auc": result.valid_auc,
         "train_samples_per_s": result.train_samples_per_s, "train_seconds": result.train_seconds,
@@ -143,7 +227,7 @@ def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> dict[str, Any
         "flops_per_lookup": flops() if callable(flops) else None,
         "stage_seconds": {s.name: s.seconds for s in result.stages},
         "table": repr(table.extra_repr()),
-    }
+    }, None
 
 
 @dataclass
@@ -158,73 +242,95 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
               log: Callable[[str], None] = print) -> BenchOutcome:
     """Run every trial of ``cfg`` not yet recorded in ``out/results.jsonl``, appending records.
 
-    ``load`` maps a dataset spec to a :class:`CTRDataset` (called once per dataset). A trial that
-    raises is recorded as ``status="failed"`` with the error and retried on the next run.
+    A trial is skipped only when a record with its whole configuration (:func:`trial_config`,
+    data fingerprint included) is already there. ``load`` maps a dataset spec to a
+    :class:`CTRDataset` (called once per dataset, also on resume: the fingerprint comes from the
+    data). A trial that raises is recorded as ``status="failed"`` with the error and retried on the
+    next run.
+
+    Raises:
+        ValueError: ``out`` is a file or holds records of another kind, or damaged records (file:line).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.jsonl"
-    records = read_records(path)
-    done = recorded_keys((r for r in records if r.get("status") == "ok"), TRIAL_KEYS)
+    path, records = open_run(out, "ctr")
+    done = {r["trial"] for r in records if r["status"] == "ok"}
     # "Unreachable" depends on the code that sized the table, and checking it again costs no training:
     # such trials are rebuilt on resume, and recorded again only if the verdict changed.
-    unreachable = {record_key(r, TRIAL_KEYS): r.get("reason") for r in records if r.get("status") == "unreachable"}
+    unreachable = {r["trial"]: r["reason"] for r in records if r["status"] == "unreachable"}
     outcome = BenchOutcome()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    trials = plan_trials(cfg)
     by_dataset: dict[str, list[Trial]] = {}
-    for t in trials:
+    for t in plan_trials(cfg):
         by_dataset.setdefault(t.dataset, []).append(t)
     for ds, ds_trials in by_dataset.items():
+        data = load(ds)
+        fp = dataset_fingerprint(data)
         todo = []
         for t in ds_trials:
-            key = record_key({**asdict(t), "dim": cfg.dim, "epochs": t.epochs(cfg), "batch_size": cfg.batch_size,
-                              "lr": cfg.lr}, TRIAL_KEYS)
-            if key in done:
+            config = trial_config(t, cfg, fp)
+            if trial_id(config) in done:
                 outcome.skipped += 1
             else:
-                todo.append(t)
+                todo.append((t, config))
         if not todo:
             continue
-        data = load(ds)  # unreachable trials are re-checked here too; they need the fields
         log(data.summary())
-        for i, t in enumerate(todo, 1):
+        for i, (t, config) in enumerate(todo, 1):
             t0 = time.perf_counter()
             try:
-                rec = run_trial(t, cfg, data)
+                status, metrics, reason = run_trial(t, cfg, data)
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as e:  # record and go on: one broken method must not sink the grid
-                rec = {**_base_record(t, cfg, data), "status": "failed",
-                       "reason": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=5)}
-                outcome.failed.append(f"{t.label(data.name)}: {type(e).__name__}: {e}")
-            rec["wall_seconds"] = time.perf_counter() - t0
-            key = record_key(rec, TRIAL_KEYS)
-            if rec["status"] == "unreachable" and unreachable.get(key) == rec["reason"]:
+                status, metrics = "failed", {**_data_metrics(data), "traceback": traceback.format_exc(limit=5)}
+                reason = f"{type(e).__name__}: {e}"
+                outcome.failed.append(f"{t.label(data.name)}: {reason}")
+            metrics["wall_seconds"] = time.perf_counter() - t0
+            if status == "unreachable" and unreachable.get(trial_id(config)) == reason:
                 outcome.skipped += 1
                 continue
+            rec = make_record("ctr", config, status=status, metrics=metrics, reason=reason)
             append_record(path, rec)
             outcome.records.append(rec)
             outcome.ran += 1
-            if rec["status"] == "ok":
-                log(f"[{i}/{len(todo)}] {t.label(data.name)}: AUC {rec['auc']:.4f}, {rec['serving_bytes']:,} B "
-                    f"({rec['achieved_ratio']:.1f}x), {rec['train_samples_per_s']:,.0f} samples/s, "
-                    f"{rec['wall_seconds']:.1f} s")
+            if status == "ok":
+                log(f"[{i}/{len(todo)}] {t.label(data.name)}: AUC {metrics['auc']:.4f}, "
+                    f"{metrics['serving_bytes']:,} B ({metrics['achieved_ratio']:.1f}x), "
+                    f"{metrics['train_samples_per_s']:,.0f} samples/s, {metrics['wall_seconds']:.1f} s")
             else:
-                log(f"[{i}/{len(todo)}] {t.label(data.name)}: {rec['status']}: {rec['reason'].splitlines()[0]}")
+                log(f"[{i}/{len(todo)}] {t.label(data.name)}: {status}: {str(reason).splitlines()[0]}")
     return outcome
 
 
 def parse_list(text: str | None, kind: Callable[[str], Any], what: str) -> tuple[Any, ...] | None:
-    """``"10,100"`` -> ``(10.0, 100.0)``; a clear error for a bad element."""
+    """``"10,100"`` -> ``(10.0, 100.0)``; None stays None (the option was not given).
+
+    Raises:
+        ValueError: an empty list or element, or an element ``kind`` cannot parse, naming the option.
+
+    >>> parse_list("10, 100", float, "ratios")
+    (10.0, 100.0)
+    >>> parse_list(" ,", float, "ratios")
+    Traceback (most recent call last):
+    ...
+    ValueError: --ratios: empty list ' ,'; give comma-separated values, e.g. --ratios 10,100
+    """
     if text is None:
         return None
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    try:
-        return tuple(kind(s) for s in items)
-    except ValueError:
-        raise ValueError(f"--{what}: could not parse {text!r} as a comma-separated list") from None
+    items = [s.strip() for s in text.split(",")]
+    example = {"ratios": "10,100", "seeds": "0,1,2"}.get(what, "a,b")
+    if not any(items):
+        raise ValueError(f"--{what}: empty list {text!r}; give comma-separated values, e.g. --{what} {example}")
+    if not all(items):
+        raise ValueError(f"--{what}: empty element in {text!r}; give comma-separated values, e.g. --{what} {example}")
+    out = []
+    for s in items:
+        try:
+            out.append(kind(s))
+        except ValueError:
+            raise ValueError(f"--{what}: {s!r} in {text!r} is not a{'n' if kind is int else ''} "
+                             f"{kind.__name__}") from None
+    return tuple(out)
 
 
 def resolve_methods(names: Sequence[str]) -> tuple[str, ...]:

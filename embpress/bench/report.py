@@ -6,6 +6,7 @@ without re-running anything.
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 from collections import defaultdict
@@ -14,20 +15,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embpress.atomic import atomic_open, atomic_write_text
-from embpress.bench.records import read_records
+from embpress.bench.records import latest_per_trial
+from embpress.bench.render import (
+    group_by_settings,
+    label,
+    md_table,
+    pareto_front,
+    set_aside_note,
+    settings_key,
+    varying,
+    without,
+    write_report_files,
+)
 from embpress.tables import method_family
+
+ROW_IGNORE = ("seed",)
+"""A row of the report is every setting but the seed: its seeds are averaged."""
+SECTION_IGNORE = ("seed", "method", "ratio", "hparams")
+"""A section (one table) shares every setting but the method, its ratio and its hyper-parameters."""
 
 
 @dataclass
 class Row:
-    """Aggregate over seeds of one (dataset, model, method, ratio)."""
+    """Aggregate over seeds of one configuration (everything but the seed)."""
 
     dataset: str
     model: str
     method: str
     ratio: float
     status: str
+    config: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    seeds: list[int] = field(default_factory=list)
     aucs: list[float] = field(default_factory=list)
     loglosses: list[float] = field(default_factory=list)
     serving: list[int] = field(default_factory=list)
@@ -51,6 +70,10 @@ class Row:
     def reference(self) -> bool:
         return self.method in ("full", "noid")
 
+    @property
+    def section(self) -> str:
+        return settings_key(without(self.config, SECTION_IGNORE))
+
 
 def _mean(xs: Sequence[float]) -> float:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
@@ -63,31 +86,68 @@ def _std(xs: Sequence[float]) -> float:
 
 
 def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
-    """Group ok and unreachable records by (dataset, model, method, ratio); failed ones are left out."""
-    rows: dict[tuple, Row] = {}
-    for r in records:
-        status = r.get("status")
-        if status not in ("ok", "unreachable"):
-            continue
-        key = (r["dataset"], r["model"], r["method"], float(r["ratio"]))
-        row = rows.get(key)
-        if row is None:
-            row = rows[key] = Row(*key, status=status)
-        if status == "unreachable":
-            row.reason = r.get("reason", "")
-            continue
-        row.status = "ok"
-        row.aucs.append(r["auc"])
-        row.loglosses.append(r["logloss"])
-        row.serving.append(r["serving_bytes"])
-        row.achieved.append(r["achieved_ratio"])
-        row.train_sps.append(r.get("train_samples_per_s"))
-        row.infer_lps.append(r.get("infer_lookups_per_s"))
-        row.flops = r.get("flops_per_lookup")
-        row.full_bytes = r.get("full_bytes")
-        for name, sec in (r.get("stage_seconds") or {}).items():
-            row.stages[name].append(sec)
-    return sorted(rows.values(), key=lambda x: (x.dataset, x.model, x.ratio, -x.auc if x.aucs else 0))
+    """One row per configuration less the seed (ok and unreachable trials; failed ones are left out).
+
+    Records of one trial (same whole configuration, seed included) count once: the latest.
+    """
+    latest, _ = latest_per_trial(records)
+    rows = []
+    for group in group_by_settings((r for r in latest if r["status"] in ("ok", "unreachable")),
+                                   ignore=ROW_IGNORE).values():
+        c = without(group[0]["config"], ROW_IGNORE)
+        row = Row(c["dataset"], c["model"], c["method"], float(c["ratio"]), status="unreachable", config=c)
+        for r in group:
+            m = r["metrics"]
+            row.name = m.get("dataset_name") or row.name
+            if r["status"] == "unreachable":
+                row.reason = r.get("reason") or ""
+                continue
+            row.status = "ok"
+            row.seeds.append(r["config"]["seed"])
+            row.aucs.append(m["auc"])
+            row.loglosses.append(m["logloss"])
+            row.serving.append(m["serving_bytes"])
+            row.achieved.append(m["achieved_ratio"])
+            row.train_sps.append(m.get("train_samples_per_s"))
+            row.infer_lps.append(m.get("infer_lookups_per_s"))
+            row.flops = m.get("flops_per_lookup")
+            row.full_bytes = m.get("full_bytes")
+            for name, sec in (m.get("stage_seconds") or {}).items():
+                row.stages[name].append(sec)
+        rows.append(row)
+    return sorted(rows, key=lambda x: (x.dataset, x.model, x.section, x.ratio, -x.auc if x.aucs else 0))
+
+
+def sections(rows: Sequence[Row]) -> list[tuple[str, list[Row]]]:
+    """Rows grouped into tables of one shared configuration (all but method, ratio, hparams, seed),
+    each titled by its dataset and model plus the settings that set it apart from the other tables."""
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.section, []).append(r)
+    configs = {k: without(rs[0].config, SECTION_IGNORE) for k, rs in groups.items()}
+    out = []
+    for key, rs in groups.items():
+        same_data = [c for c in configs.values()
+                     if (c["dataset"], c["model"]) == (rs[0].dataset, rs[0].model)]
+        differ = varying(same_data)
+        names = [k for k in differ if not k.startswith("data.")]
+        extra = label(configs[key], names + (["data"] if len(names) < len(differ) else []))
+        name = rs[0].name or rs[0].dataset
+        out.append((f"{name} — {rs[0].model}" + (f" ({extra})" if extra else ""), rs))
+    return out
+
+
+def _row_labels(rs: Sequence[Row]) -> dict[int, str]:
+    """Method names, with the hyper-parameters that tell apart rows of one method at one ratio."""
+    by: dict[tuple[str, float], list[Row]] = defaultdict(list)
+    for r in rs:
+        by[(r.method, r.ratio)].append(r)
+    out = {}
+    for group in by.values():
+        differ = varying([r.config for r in group]) if len(group) > 1 else []
+        for r in group:
+            out[id(r)] = r.method + (f" ({label(r.config, differ)})" if differ else "")
+    return out
 
 
 def _fmt_bytes(n: float) -> str:
@@ -117,6 +177,7 @@ def recommend(rows: Sequence[Row]) -> dict[float, tuple[list[str], float]]:
     the best is listed). Returns ``{ratio: (methods, spread)}``.
     """
     out: dict[float, tuple[list[str], float]] = {}
+    names = _row_labels(rows)
     by_ratio: dict[float, list[Row]] = defaultdict(list)
     for r in rows:
         if r.status == "ok" and not r.reference:
@@ -125,7 +186,7 @@ def recommend(rows: Sequence[Row]) -> dict[float, tuple[list[str], float]]:
         best = max(rs, key=lambda r: r.auc)
         spread = best.auc_std if math.isfinite(best.auc_std) else 0.0
         close = sorted((r for r in rs if r.auc >= best.auc - spread), key=lambda r: -r.auc)
-        out[ratio] = ([r.method for r in close], spread)
+        out[ratio] = ([names[id(r)] for r in close], spread)
     return out
 
 
@@ -145,6 +206,7 @@ def best_by_family(rows: Sequence[Row]) -> dict[float, dict[str, Row]]:
 
 def _family_lines(rs: Sequence[Row]) -> list[str]:
     best = best_by_family(rs)
+    names = _row_labels(rs)
     if not best:
         return []
     lines = ["### Intra-feature against inter-feature methods", "",
@@ -161,20 +223,17 @@ def _family_lines(rs: Sequence[Row]) -> list[str]:
                 tried = any(x.ratio == ratio and method_family(x.method) == fam for x in rs)
                 cells += ["none reaches it" if tried else "none run", ""]
             else:
-                cells += [f"{r.method} ({_mean(r.achieved):.1f}x)", _pm(r.auc, r.auc_std)]
+                cells += [f"{names[id(r)]} ({_mean(r.achieved):.1f}x)", _pm(r.auc, r.auc_std)]
         diff = f"{intra.auc - inter.auc:+.4f}" if inter is not None and intra is not None else ""
         lines.append(f"| {ratio:g}x | {' | '.join(cells)} | {diff} |")
     return [*lines, ""]
 
 
 def render_markdown(records: Sequence[dict[str, Any]]) -> str:
-    rows = aggregate(records)
-    def trial(r: dict[str, Any]) -> tuple:
-        return r.get("dataset"), r.get("model"), r.get("method"), r.get("ratio"), r.get("seed")
-
-    # a failure that a later run of the same trial completed (ok or unreachable) is history, not news
-    done = {trial(r) for r in records if r.get("status") in ("ok", "unreachable")}
-    failed = [r for r in records if r.get("status") == "failed" and trial(r) not in done]
+    """The report: one table per shared configuration, one row per configuration less the seed."""
+    latest, dropped = latest_per_trial(records)
+    rows = aggregate(latest)
+    failed = [r for r in latest if r["status"] == "failed"]
     lines = ["# embpress benchmark report", ""]
     if not rows:
         lines.append("No completed trials yet.")
@@ -185,40 +244,42 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
         "training loops (evaluation excluded); inference is table lookups/s (ids/s) in eval mode. "
         "Stages train for the grid's epochs (or the epochs the method fixes for a stage), so a "
         "multi-stage method (search then retrain, train then finetune) sees the training data once per "
-        "stage: at one epoch per stage it can beat a single-stage `full` that saw it once.",
+        "stage: at one epoch per stage it can beat a single-stage `full` that saw it once. "
+        "A row is one whole configuration (data fingerprint, model, method, ratio, hyper-parameters, "
+        "dim, epochs, batch size, learning rates, threads) over its seeds, each seed counted once; "
+        "tables differ in the settings named in their titles. ★ marks the rows on the Pareto front "
+        "of test AUC against serving bytes.",
         "",
+        *set_aside_note(dropped),
     ]
-    names = {r["dataset"]: r["dataset_name"] for r in records if r.get("dataset") and r.get("dataset_name")}
-    groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
-    for r in rows:
-        groups[(r.dataset, r.model)].append(r)
-    for (ds, model), rs in groups.items():
+    for title, rs in sections(rows):
         full = next((r for r in rs if r.method == "full" and r.status == "ok"), None)
-        name = names.get(ds, ds)
-        lines += [f"## {name} — {model}", ""]
-        if name != ds:
-            lines += [f"Dataset spec: `{ds}`.", ""]
+        names = _row_labels(rs)
+        lines += [f"## {title}", ""]
+        if rs[0].name and rs[0].name != rs[0].dataset:
+            lines += [f"Dataset spec: `{rs[0].dataset}`.", ""]
         if full is not None and full.full_bytes:
             lines += [f"Full fp32 table: {_fmt_bytes(full.full_bytes)}.", ""]
-        lines += [
-            "| method | target ratio | achieved ratio | serving bytes | test AUC | log loss | ΔAUC vs full "
-            "| train samples/s | infer lookups/s | MFLOP/lookup | stage times (s) | seeds |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
-        ]
-        for r in sorted(rs, key=lambda r: (r.ratio, -(r.auc if r.aucs else -1))):
+        ordered = sorted(rs, key=lambda r: (r.ratio, -(r.auc if r.aucs else -1)))
+        ok = [r for r in ordered if r.status == "ok"]
+        front = {id(ok[i]) for i in pareto_front([(_mean(r.serving), r.auc) for r in ok])}
+        table = []
+        for r in ordered:
             if r.status == "unreachable":
-                lines.append(f"| {r.method} | {r.ratio:g}x | cannot reach | | | | | | | | {r.reason.splitlines()[0][:140]} | |")
+                table.append([names[id(r)], f"{r.ratio:g}x", "cannot reach", *[""] * 8,
+                              r.reason.splitlines()[0][:140] if r.reason else "", "", ""])
                 continue
             delta = r.auc - full.auc if full is not None and r is not full else math.nan
             stages = ", ".join(f"{k} {_mean(v):.1f}" for k, v in r.stages.items())
-            flops = f"{r.flops / 1e6:.3f}" if r.flops else "-"
-            lines.append(
-                f"| {r.method} | {'ref' if r.reference else f'{r.ratio:g}x'} | {_mean(r.achieved):.1f}x "
-                f"| {_fmt_bytes(_mean(r.serving))} | {_pm(r.auc, r.auc_std)} "
-                f"| {_pm(_mean(r.loglosses), _std(r.loglosses))} "
-                f"| {'' if not math.isfinite(delta) else f'{delta:+.4f}'} | {_rate(_mean(r.train_sps))} "
-                f"| {_rate(_mean(r.infer_lps))} | {flops} | {stages} | {len(r.aucs)} |"
-            )
+            table.append([
+                names[id(r)], "ref" if r.reference else f"{r.ratio:g}x", f"{_mean(r.achieved):.1f}x",
+                _fmt_bytes(_mean(r.serving)), _pm(r.auc, r.auc_std), _pm(_mean(r.loglosses), _std(r.loglosses)),
+                "" if not math.isfinite(delta) else f"{delta:+.4f}", _rate(_mean(r.train_sps)),
+                _rate(_mean(r.infer_lps)), f"{r.flops / 1e6:.3f}" if r.flops else "-", stages, len(r.seeds),
+                "★" if id(r) in front else ""])
+        lines += md_table(["method", "target ratio", "achieved ratio", "serving bytes", "test AUC", "log loss",
+                           "ΔAUC vs full", "train samples/s", "infer lookups/s", "MFLOP/lookup", "stage times (s)",
+                           "seeds", "Pareto"], "lrrrrrrrrrlrl", table)
         lines.append("")
         rec = recommend(rs)
         if rec:
@@ -233,53 +294,59 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
     if failed:
         lines += ["## Failed trials", ""]
         for r in failed:
-            lines.append(f"- {r['dataset']} {r['model']} {r['method']}@{r['ratio']:g}x seed {r['seed']}: "
-                         f"{r.get('reason', '').splitlines()[0]}")
+            c = r["config"]
+            lines.append(f"- {c['dataset']} {c['model']} {c['method']}@{c['ratio']:g}x seed {c['seed']}: "
+                         f"{(r.get('reason') or '').splitlines()[0] if r.get('reason') else ''}")
         lines.append("")
     lines.append("![AUC against serving bytes](pareto.png)")
     return "\n".join(lines) + "\n"
 
 
-def render_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """AUC against serving bytes (log scale), one panel per (dataset, model), one series per method."""
+def render_pareto(records: Sequence[dict[str, Any]]) -> bytes:
+    """PNG bytes: AUC against serving bytes (log scale), one panel per section, one series per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in aggregate(records) if r.status == "ok"]
-    names = {r["dataset"]: r["dataset_name"] for r in records if r.get("dataset") and r.get("dataset_name")}
-    groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
-    for r in rows:
-        groups[(r.dataset, r.model)].append(r)
+    groups = [(title, [r for r in rs if r.status == "ok"]) for title, rs in sections(aggregate(records))]
+    groups = [(t, rs) for t, rs in groups if rs]
     n = max(1, len(groups))
     fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.8), squeeze=False)
     cmap = plt.get_cmap("tab20")
-    methods = sorted({r.method for r in rows})
+    methods = sorted({r.method for _, rs in groups for r in rs})
     color = {m: cmap(i % 20) for i, m in enumerate(methods)}
     # inter-feature methods solid with circles, intra-feature dashed with squares: 20 colours
     # alone repeat once there are more than 20 methods
     style = {"inter": ("o", "-"), "intra": ("s", "--")}
-    for ax, ((ds, model), rs) in zip(axes[0], groups.items(), strict=False):
+    for ax, (title, rs) in zip(axes[0], groups, strict=False):
+        names = _row_labels(rs)
         compressed = [r.auc - (r.auc_std if math.isfinite(r.auc_std) else 0) for r in rs if not r.reference]
         # the y range follows the compressed methods and full: a far-off noid floor would squash them
         lo = min(compressed + [r.auc for r in rs if r.method == "full"], default=0.5)
-        for m in methods:
-            pts = sorted((r for r in rs if r.method == m), key=lambda r: _mean(r.serving))
-            if not pts:
-                continue
+        series: dict[str, list[Row]] = defaultdict(list)
+        for r in rs:
+            series[names[id(r)]].append(r)
+        for name, pts in series.items():
+            m = pts[0].method
+            pts = sorted(pts, key=lambda r: _mean(r.serving))
             xs = [_mean(r.serving) for r in pts]
             ys = [r.auc for r in pts]
             es = [r.auc_std if math.isfinite(r.auc_std) else 0 for r in pts]
             if m in ("full", "noid"):
                 if ys[0] >= lo - 0.05:
-                    ax.axhline(ys[0], color=color[m], ls=":", lw=1, label=f"{m} (AUC {ys[0]:.4f})")
+                    ax.axhline(ys[0], color=color[m], ls=":", lw=1, label=f"{name} (AUC {ys[0]:.4f})")
                     ax.plot(xs, ys, "*", color=color[m], ms=10)
                 else:
-                    ax.plot([], [], " ", label=f"{m} (AUC {ys[0]:.4f}, below the axis)")
+                    ax.plot([], [], " ", label=f"{name} (AUC {ys[0]:.4f}, below the axis)")
             else:
                 marker, ls = style.get(method_family(m), ("^", "-."))
-                ax.errorbar(xs, ys, yerr=es, marker=marker, ls=ls, color=color[m], label=m, capsize=2, ms=4)
+                ax.errorbar(xs, ys, yerr=es, marker=marker, ls=ls, color=color[m], label=name, capsize=2, ms=4)
+        front = sorted((rs[i] for i in pareto_front([(_mean(r.serving), r.auc) for r in rs])),
+                       key=lambda r: _mean(r.serving))
+        if len(front) > 1:
+            ax.plot([_mean(r.serving) for r in front], [r.auc for r in front], color="black", lw=0.8, alpha=0.4,
+                    label="Pareto front")
         if compressed:
             top = max(r.auc for r in rs)
             pad = 0.05 * max(top - lo, 0.01)
@@ -287,23 +354,17 @@ def render_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("serving bytes (log)")
         ax.set_ylabel("test AUC")
-        ax.set_title(f"{names.get(ds, ds)} — {model}", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    return buf.getvalue()
 
 
 def write_report(out: str | Path) -> tuple[Path, Path]:
-    """(Re-)render ``report.md`` and ``pareto.png`` in ``out`` from ``out/results.jsonl``."""
-    out = Path(out)
-    path = out / "results.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run `embpress bench --out {out}` first")
-    records = read_records(path)
-    md, png = out / "report.md", out / "pareto.png"
-    atomic_write_text(md, render_markdown(records))
-    render_pareto(records, png)
-    return md, png
+    """(Re-)render ``report.md`` and ``pareto.png`` in ``out`` from ``out/results.jsonl`` (CTR records)."""
+    return write_report_files(out, "ctr", render_markdown=render_markdown, render_png=render_pareto,
+                              producer="embpress bench")

@@ -24,12 +24,12 @@ import pyarrow.compute as pc
 from embpress.data.preprocess import (
     RawChunk,
     Source,
-    check_file,
     count_lines,
     line_error,
     parse_labels,
     read_header,
     read_text_blocks,
+    source_files,
 )
 
 LABEL, TIME, DROPPED = "click", "hour", ("id",)
@@ -63,10 +63,7 @@ class AvazuSource(Source):
 
     @classmethod
     def from_spec(cls, arg: str, *, cache_dir: Path, progress: bool) -> AvazuSource:
-        paths = [p for p in arg.split(",") if p]
-        if not paths:
-            raise ValueError("avazu spec needs a file: 'avazu:PATH[,PATH...]'")
-        return cls(paths=[check_file(Path(p).expanduser()) for p in paths])
+        return cls(paths=source_files(arg, form="avazu:PATH[,PATH...]"))
 
     @property
     def files(self) -> tuple[Path, ...]:

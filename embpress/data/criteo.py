@@ -23,12 +23,12 @@ import pyarrow.compute as pc
 from embpress.data.preprocess import (
     RawChunk,
     Source,
-    check_file,
     count_lines,
     line_error,
     parse_dense,
     parse_labels,
     read_text_blocks,
+    source_files,
 )
 
 DENSE = tuple(f"I{i}" for i in range(1, 14))
@@ -67,10 +67,7 @@ class CriteoSource(Source):
 
     @classmethod
     def from_spec(cls, arg: str, *, cache_dir: Path, progress: bool) -> CriteoSource:
-        paths = [p for p in arg.split(",") if p]
-        if not paths:
-            raise ValueError("criteo spec needs a file: 'criteo:PATH[,PATH...]'")
-        return cls(paths=[check_file(Path(p).expanduser()) for p in paths])
+        return cls(paths=source_files(arg, form="criteo:PATH[,PATH...]"))
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -89,6 +86,8 @@ class CriteoSource(Source):
         for path in self.files:
             for block in read_text_blocks(path, chunk_rows=chunk_rows):
                 line = block.first_line
+                if line == 1:
+                    _check_width(block.data, path)
                 cols = block.columns(delimiter="\t", min_columns=MIN_COLUMNS, max_columns=len(COLUMNS))
                 cats = cols[1 + len(DENSE):]
                 for name, col in zip(CATEGORICAL, cats, strict=True):
@@ -100,6 +99,23 @@ class CriteoSource(Source):
     def notes(self) -> dict:
         return {"missing": "empty categorical value is its own raw value ''; empty integer -> 0; "
                            "absent trailing columns are empty"}
+
+
+WIDTH_SAMPLE = 1 << 20
+"""Bytes at the start of each file in which at least one line must have all 40 columns."""
+
+
+def _check_width(data: bytes, path: Path) -> None:
+    """A file whose first lines all have fewer than 40 columns is not Criteo (or was cut column-wise):
+    padding every line with empty categoricals would read it silently as something else."""
+    head = data[:WIDTH_SAMPLE].split(b"\n")
+    if len(head) > 1:
+        head = head[:-1]  # the last piece may be a line cut by the sample
+    widest = max(h.count(b"\t") for h in head) + 1
+    if widest < len(COLUMNS):
+        raise line_error(path, 1, f"no line among the first {len(head):,} has the {len(COLUMNS)} tab-separated "
+                                  f"columns of Criteo (label, I1..I13, C1..C26); the widest has {widest}: "
+                                  "not a Criteo file, or columns were cut")
 
 
 def _check_hex(col: pa.Array, name: str, path: Path, first_line: int) -> None:

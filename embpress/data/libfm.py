@@ -17,7 +17,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embpress.data.preprocess import RawChunk, Source, check_file, count_lines, line_error, read_text_blocks
+from embpress.data.preprocess import (
+    RawChunk,
+    Source,
+    check_file,
+    count_lines,
+    line_error,
+    read_text_blocks,
+    source_files,
+)
 
 _LABELS = {"1": 1.0, "+1": 1.0, "-1": 0.0, "0": 0.0}
 _FEATURE = r"^(?P<index>\d+):(?P<value>.+)$"
@@ -50,10 +58,7 @@ class LibFMSource(Source):
 
     @classmethod
     def from_spec(cls, arg: str, *, cache_dir: Path, progress: bool) -> LibFMSource:
-        paths = [p for p in arg.split(",") if p]
-        if not paths:
-            raise ValueError("libfm spec needs files: 'libfm:PATH[,PATH...]'")
-        return cls(paths=[check_file(Path(p).expanduser()) for p in paths])
+        return cls(paths=source_files(arg, form="libfm:PATH[,PATH...]"))
 
     @property
     def files(self) -> tuple[Path, ...]:

@@ -221,6 +221,7 @@ def download_movielens(variant: str = "100k", dest: str | Path | None = None, *,
 
     Raises:
         ValueError: unknown variant, checksum mismatch, or a zip without the expected folder.
+        ConnectionError: the download failed (no network): the message says to pass a local folder.
     """
     from embpress.data.cache import default_cache_dir
 
@@ -235,7 +236,12 @@ def download_movielens(variant: str = "100k", dest: str | Path | None = None, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".ml-{variant}.tmp-", dir=dest))
     try:
         archive = tmp / f"ml-{variant}.zip"
-        _fetch(url, archive, progress=progress)
+        try:
+            _fetch(url, archive, progress=progress)
+        except OSError as e:  # URLError, timeouts, refused or reset connections
+            why = getattr(e, "reason", None) or e
+            raise ConnectionError(f"could not download {url} ({why}); without network, download and unzip it "
+                                  f"elsewhere and pass the folder: 'movielens:/path/to/ml-{variant}'") from None
         digest = hashlib.md5(usedforsecurity=False)
         with open(archive, "rb") as fh:
             while block := fh.read(1 << 20):

@@ -162,6 +162,31 @@ def check_file(path: Path) -> Path:
     return path
 
 
+def source_files(arg: str, *, form: str) -> list[Path]:
+    """The files of a ``FORMAT:PATH[,PATH...]`` spec: each must exist, none may be empty or repeated.
+
+    ``form`` is the spec's form for messages (``"criteo:PATH[,PATH...]"``).
+
+    Raises:
+        ValueError: no file, an empty element, or one file given twice (its rows would count twice).
+        FileNotFoundError: a file that does not exist (or is a folder).
+    """
+    parts = [p.strip() for p in arg.split(",")]
+    if not any(parts):
+        raise ValueError(f"{form.split(':')[0]} spec needs a file: {form!r}")
+    if not all(parts):
+        raise ValueError(f"empty file name in {arg!r}: {form!r}")
+    paths = [check_file(Path(p).expanduser()) for p in parts]
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        real = p.resolve()
+        if real in seen:
+            raise ValueError(f"{p} is given twice (as {seen[real]} too): its rows would count twice; "
+                             "give each file once")
+        seen[real] = p
+    return paths
+
+
 def _open_stream(path: Path) -> pa.NativeFile:
     return pa.input_stream(str(path), compression="detect")
 

@@ -18,7 +18,7 @@ from embpress.data import cache
 from embpress.data.avazu import AvazuSource
 from embpress.data.criteo import CriteoSource
 from embpress.data.libfm import LibFMSource
-from embpress.data.movielens import MovieLensSource
+from embpress.data.movielens import MOVIELENS_DOWNLOADS, MovieLensSource
 from embpress.data.preprocess import PREPROCESS_VERSION, Source, preprocess, progress_task
 from embpress.data.schema import CTRDataset
 from embpress.data.synthetic import SyntheticConfig, make_synthetic
@@ -62,6 +62,32 @@ def source_from_spec(spec: str, *, cache_dir: str | Path | None = None, progress
                          "(e.g. 'criteo:/data/train.txt', 'synthetic:rows=100000')")
     cache_dir = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
     return FORMATS[prefix].from_spec(arg.strip(), cache_dir=cache_dir, progress=progress)
+
+
+def check_spec(spec: str) -> None:
+    """Check a dataset spec without loading, processing or downloading anything: the format, the
+    ``synthetic`` options, and that every named file exists once (``movielens:100k`` / ``1m`` are
+    download names and pass).
+
+    Raises:
+        ValueError: empty spec, unknown format or option, an empty or repeated file name.
+        FileNotFoundError: a named file or folder does not exist.
+
+    >>> check_spec("synthetic:rows=1000")
+    >>> check_spec("synthetic:rows=ten")
+    Traceback (most recent call last):
+    ...
+    ValueError: synthetic option rows='ten': expected an int
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}; formats: {dataset_formats()}")
+    prefix, _, arg = spec.strip().partition(":")
+    if prefix == "synthetic":
+        _synthetic_config(arg, 0)
+        return
+    if prefix == "movielens" and arg.strip().lower() in MOVIELENS_DOWNLOADS and not Path(arg.strip()).exists():
+        return
+    source_from_spec(spec.strip())
 
 
 def load_dataset(spec: str, *, cache_dir: str | Path | None = None, min_count: int | None = None,

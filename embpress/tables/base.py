@@ -238,6 +238,9 @@ def build_table(
         return PostTrainingQuantized.wrap(parts[0], suffix=parts[1], fields=fields, dim=dim,
                                           budget=budget, **hparams)
     cls = table_class(parts[0])
+    if cls.reference and budget is not None:
+        raise ValueError(f"table method {spec!r} is a reference of one fixed size: it would ignore budget "
+                         f"{budget!r}; pass budget=None (or compress it: '{spec}+int8')")
     allowed = table_hparams(cls)
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
@@ -340,7 +343,8 @@ class CompressedTable(nn.Module):
     def check_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Raise a clear error for wrong dtypes, shapes, or ids outside ``[0, num_embeddings)``."""
         if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+            raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}; convert a list or numpy "
+                            "array with torch.as_tensor(ids)")
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
         if ids.dim() == 0 or ids.shape[-1] != self.num_fields:
@@ -411,6 +415,8 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids: LongTensor[*]`` -> ``Tensor[*, D]``."""
+        if not isinstance(ids, torch.Tensor):
+            self.table.check_ids(ids)  # the TypeError that says how to convert
         return self.table(ids.unsqueeze(-1)).squeeze(-2)
 
     def serving_bytes(self) -> int:

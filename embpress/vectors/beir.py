@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,21 +44,31 @@ class BeirDataset:
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; each object must have the ``required`` keys."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in required if k not in obj]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; a line needs {list(required)}")
-            rows.append((lineno, obj))
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; a line needs {list(required)}")
+        rows.append((lineno, obj))
     return rows
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its newline) of a UTF-8 text file; bytes that are not UTF-8 raise
+    ``ValueError`` naming the file and line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def _str_field(path: Path, lineno: int, obj: dict, key: str) -> str:
@@ -124,20 +135,18 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
             _add_qrel(qrels, path, lineno, _str_field(path, lineno, obj, "query-id"),
                       _str_field(path, lineno, obj, "corpus-id"), obj["score"])
         return qrels
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if lineno == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue  # header
-            if len(parts) == 4:  # TREC style: qid 0 docid score
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated columns "
-                                 f"(query-id, corpus-id, score), got {len(parts)}: {line!r}")
-            _add_qrel(qrels, path, lineno, parts[0].strip(), parts[1].strip(), parts[2].strip())
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if lineno == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue  # header
+        if len(parts) == 4:  # TREC style: qid 0 docid score
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            raise ValueError(f"{path}:{lineno}: expected 3 tab-separated columns "
+                             f"(query-id, corpus-id, score), got {len(parts)}: {line!r}")
+        _add_qrel(qrels, path, lineno, parts[0].strip(), parts[1].strip(), parts[2].strip())
     return qrels
 
 

@@ -79,8 +79,8 @@ def read_vectors(path: str | os.PathLike, *, d: int | None = None, mmap: bool = 
     if suffix == ".npy":
         try:
             x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"{path}: unreadable .npy file ({e})") from None
+        except Exception as e:  # a damaged header raises ValueError, SyntaxError, EOFError or TokenError
+            raise ValueError(f"{path}: unreadable .npy file ({type(e).__name__}: {e})") from None
     elif suffix == ".fvecs":
         x = read_fvecs(path)
     elif suffix == ".f32":
@@ -91,6 +91,8 @@ def read_vectors(path: str | os.PathLike, *, d: int | None = None, mmap: bool = 
         raise ValueError(f"{path}: unknown vector file type {suffix!r}; use .npy, .fvecs or .f32")
     if x.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D array (N, D), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{path}: no vectors (shape {x.shape}); give a file with at least one vector")
     if x.dtype.kind not in "fiu":
         raise ValueError(f"{path}: expected real numbers, got dtype {x.dtype}")
     return x

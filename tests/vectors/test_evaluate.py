@@ -1,4 +1,4 @@
-"""Evaluation helpers: exact ground truth, recall@k, BEIR metrics, speed and size, FAISS mapping."""
+"""Evaluation helpers: exact ground truth, recall@k, BEIR metrics, speed and size."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from embpress.vectors.bench import faiss_equivalent, holdout_queries
 from embpress.vectors.evaluate import (
     beir_metrics,
     bytes_per_vector,
@@ -87,30 +86,3 @@ def test_speed_and_size_helpers():
     assert t.wall > 0 and t.cpu > 0
     assert encode_throughput(lambda b: b * 2, x) > 0
     assert bytes_per_vector(32, id_bytes=8, attribute_bytes=16, norm_bytes=4) == 60
-
-
-def test_faiss_equivalents():
-    assert faiss_equivalent("sq8", 384) == "SQ8"
-    assert faiss_equivalent("fp16", 384) == "SQfp16"
-    assert faiss_equivalent("pq48", 384) == "PQ48x8np"
-    assert faiss_equivalent("pq16x4", 384) == "PQ16x4np"
-    assert faiss_equivalent("rq16x8", 384) == "RQ16x8"
-    assert faiss_equivalent("opq32", 384) == "OPQ32,PQ32x8np"
-    assert faiss_equivalent("pca128+sq8", 384) == "PCA128,SQ8"
-    assert faiss_equivalent("pca128", 384) == "PCA128,Flat"
-    assert faiss_equivalent("bin", 384) == "BinaryFlat"
-    assert faiss_equivalent("float32", 384) == "Flat"
-    assert faiss_equivalent("itq64", 384) == "ITQ64,LSH"
-    assert faiss_equivalent("itq768", 384) is None
-    for none in ("mrl192+sq8", "bebr1", "mrl64"):
-        assert faiss_equivalent(none, 384) is None
-
-
-def test_holdout_queries_is_disjoint_and_seeded():
-    x = np.arange(200, dtype=np.float32).reshape(100, 2)
-    base, q = holdout_queries(x, 10, seed=3)
-    assert base.shape == (90, 2) and q.shape == (10, 2)
-    assert not set(base[:, 0]) & set(q[:, 0])
-    np.testing.assert_array_equal(q, holdout_queries(x, 10, seed=3)[1])
-    with pytest.raises(ValueError, match="n_queries"):
-        holdout_queries(x, 100)

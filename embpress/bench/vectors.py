@@ -1,4 +1,4 @@
-"""The retrieval benchmark grid: every codec on one data set, beside its FAISS equivalent.
+"""The retrieval benchmark grid (``embpress vectors eval``): every codec on one data set, beside its FAISS equivalent.
 
 For each codec spec it fits, encodes, indexes (codes in memory, float32 originals on disk), searches
 with and without re-ranking, and appends one record to ``<out>/results.jsonl`` with quality
@@ -7,12 +7,16 @@ per vector with every per-vector overhead) and speed (queries/s on the whole que
 vectors/s), plus the same figures of the FAISS index that does the same thing, measured in the
 same run on the same thread count. A ``float32`` record (exact search) is the reference.
 
-A run resumes: codecs whose record is already in ``results.jsonl`` are skipped.
+Records have the one layout of :mod:`embpress.bench.records` (``kind="vectors"``). A trial's identity
+is its whole configuration: content fingerprints of the base, queries, training sample and qrels,
+the codec spec and its parameters, metric, k, oversample, seed, threads and the measuring
+settings. A run resumes: codecs whose whole configuration is already recorded are skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 import tempfile
@@ -24,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from embpress.bench.records import append_record, provenance, read_records, record_key
-from embpress.vectors.codec import Codec, as_matrix, code_size
+from embpress.atomic import remove_stale
+from embpress.bench import records
+from embpress.vectors.codec import Codec, as_matrix, build_codec, code_size
 from embpress.vectors.evaluate import (
     beir_metrics,
     encode_throughput,
@@ -39,8 +44,9 @@ from embpress.vectors.kernels import limit_threads
 from embpress.vectors.metric import Metric, as_metric, pairwise_distances
 
 REFERENCE = "float32"
-RESULTS = "results.jsonl"
-RECORD_KEYS = ("dataset", "codec", "metric", "k", "oversample", "seed", "n", "nq")
+TIMING_METRICS = ("fit_s", "add_s", "encode_vps", "qps", "qps_rerank", "qps_cpu", "qps_rerank_cpu", "faiss_fit_s",
+                  "faiss_qps", "faiss_qps_cpu", "faiss_qps_rerank", "faiss_qps_rerank_cpu", "wall_seconds")
+"""Metrics that measure speed: they vary between runs of one trial (everything else must not)."""
 _ENCODE_SAMPLE = 10_000
 
 
@@ -294,9 +300,9 @@ def check_specs(specs: Sequence[str], d: int) -> list[str]:
     """Validate every spec at dim ``d`` before any work (unknown, malformed or unfit specs raise)."""
     out = []
     for s in specs:
+        if not isinstance(s, str) or not s.strip():
+            raise ValueError(f"empty codec spec in {list(specs)!r}; give specs such as 'sq8,pq32'")
         s = s.strip()
-        if not s:
-            continue
         if s != REFERENCE:
             code_size(d, s)  # ValueError naming the spec and the allowed forms
         if s not in out:
@@ -338,29 +344,39 @@ def run_eval(data: EvalSet, codecs: Sequence[str], out_dir: str | Path, *, k: in
         raise ValueError(f"k must be an int in [1, N={base.shape[0]}], got {k!r}")
     if not isinstance(oversample, int) or oversample < 1:
         raise ValueError(f"oversample must be an int >= 1, got {oversample!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1 (or None to leave them as they are), got {threads!r}")
+    if not (isinstance(qps_time, int | float) and 0 <= qps_time < float("inf")):
+        raise ValueError(f"qps_time must be a number of seconds >= 0, got {qps_time!r}")
     train = None if data.train is None else as_matrix(data.train, name="train")
     data = dataclasses.replace(data, base=base, queries=queries, train=train)
     n, d = base.shape
     specs = [REFERENCE] + [s for s in check_specs(codecs, d) if s != REFERENCE]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = out_dir / RESULTS
-    ident = {"dataset": data.name, "metric": metric.value, "k": k, "oversample": oversample, "seed": seed,
-             "n": n, "nq": queries.shape[0]}
-    done = {record_key(r, RECORD_KEYS): r for r in read_records(results)}
+    results, recorded = records.open_run(out_dir, "vectors")  # a file or another kind's folder: before any work
+    done = {r["trial"]: r for r in recorded if r["status"] == "ok"}
+    qrels = None
+    if data.has_qrels:
+        qrels = records.fingerprint({"qrels": data.qrels, "corpus_ids": list(data.corpus_ids or ()),
+                             "query_ids": list(data.query_ids or ()), "backend": data.metrics_backend})
+    shared = {"dataset": data.name, "base": records.array_fingerprint(base), "queries": records.array_fingerprint(queries),
+              "train": None if train is None else records.array_fingerprint(train), "qrels": qrels, "n": n, "d": d,
+              "nq": queries.shape[0], "train_n": n if train is None else train.shape[0], "metric": metric.value,
+              "k": k, "oversample": oversample, "seed": seed, "threads": threads, "with_faiss": with_faiss,
+              "qps_time": qps_time}
     gt = None
-    records = []
+    rows = []
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[step]}"), disable=not progress) as bar:
         task = bar.add_task(f"{data.name}: codecs", total=len(specs), step="")
         for spec in specs:
-            key = record_key({**ident, "codec": spec}, RECORD_KEYS)
-            if key in done:
+            config = {**shared, "codec": spec,
+                      "codec_params": "float32 (exact)" if spec == REFERENCE else repr(build_codec(spec, seed=seed))}
+            if records.trial_id(config) in done:
                 if log:
                     log(f"skip {spec}: already in {results}")
-                records.append(done[key])
+                rows.append(done[records.trial_id(config)])
                 bar.advance(task)
                 continue
 
@@ -370,20 +386,22 @@ def run_eval(data: EvalSet, codecs: Sequence[str], out_dir: str | Path, *, k: in
             if gt is None:
                 step("exact ground truth")
                 gt = exact_knn(base, queries, k, metric).ids
-            work = Path(tempfile.mkdtemp(prefix=".work-", dir=out_dir))
+            results.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(results.parent, ".work-")  # scratch of a run that was killed
+            work = Path(tempfile.mkdtemp(prefix=f".work-{os.getpid()}-", dir=results.parent))
+            t0 = time.perf_counter()
             try:
                 with _threads(threads):
-                    rec = {**ident, "codec": spec, "d": d, "threads": threads,
-                       "train_n": n if train is None else train.shape[0],
-                           **_ours(spec, data, gt, k=k, oversample=oversample, metric=metric, seed=seed,
-                                   workdir=work, step=step, qps_time=qps_time)}
+                    metrics = _ours(spec, data, gt, k=k, oversample=oversample, metric=metric, seed=seed,
+                                    workdir=work, step=step, qps_time=qps_time)
                     if with_faiss:
-                        rec.update(_faiss(spec, data, gt, k=k, oversample=oversample, metric=metric, step=step,
-                                          qps_time=qps_time))
+                        metrics.update(_faiss(spec, data, gt, k=k, oversample=oversample, metric=metric, step=step,
+                                              qps_time=qps_time))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            rec["provenance"] = provenance()
-            append_record(results, rec)
-            records.append(rec)
+            metrics["wall_seconds"] = time.perf_counter() - t0
+            rec = records.make_record("vectors", config, status="ok", metrics=metrics)
+            records.append_record(results, rec)
+            rows.append(rec)
             bar.advance(task)
-    return records
+    return rows

@@ -12,8 +12,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from embpress.atomic import atomic_write_bytes, atomic_write_text
-from embpress.bench.records import read_records
+from embpress.bench.records import latest_per_trial
+from embpress.bench.render import (
+    group_by_settings,
+    label,
+    md_table,
+    pareto_front,
+    set_aside_note,
+    varying,
+    without,
+    write_report_files,
+)
+
+CODEC_KEYS = ("codec", "codec_params")
+"""A table of the report shares every setting but the codec: one row per codec."""
 
 RECALL_NOTE = ("recall@k is the mean over queries of |returned top-k ∩ exact top-k| / k, against exact "
                "float32 search of the same metric (FAISS brute force).")
@@ -38,13 +50,21 @@ def _qps(r: dict[str, Any], field: str) -> Any:
     return r.get(f"{field}_cpu", r.get(field))
 
 
-def _groups(records: Sequence[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    out: dict[tuple, list[dict[str, Any]]] = {}
-    for r in records:
-        key = (r.get("dataset"), r.get("metric"), r.get("k"), r.get("oversample"), r.get("n"), r.get("nq"))
-        out.setdefault(key, []).append(r)
-    for rs in out.values():
-        rs.sort(key=lambda r: (r.get("bytes_per_vector") or 0, r.get("codec", "")))
+def _groups(records: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Records grouped by their whole configuration less the codec, each group titled by its data set
+    and the settings that set it apart from the other groups of that data set. Rows are flat
+    dicts (config, metrics and provenance on one level), sorted by bytes per vector.
+    """
+    latest, _ = latest_per_trial(r for r in records if r["status"] == "ok")
+    groups = list(group_by_settings(latest, ignore=CODEC_KEYS).values())
+    configs = [without(g[0]["config"], CODEC_KEYS) for g in groups]
+    out = []
+    for g, c in zip(groups, configs, strict=True):
+        differ = [k for k in varying([x for x in configs if x["dataset"] == c["dataset"]])]
+        rows = [{**r["config"], **r["metrics"], "provenance": r["provenance"]} for r in g]
+        rows.sort(key=lambda r: (r.get("bytes_per_vector") or 0, r.get("codec", "")))
+        extra = label(c, differ)
+        out.append((f"{c['dataset']}" + (f" ({extra})" if extra else ""), rows))
     return out
 
 
@@ -71,7 +91,7 @@ def _faiss_notes(rs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(records: Sequence[dict[str, Any]]) -> str:
-    """The report text: one table per (data set, metric, k, oversample) group, sorted by bytes per vector."""
+    """The report text: one table per configuration less the codec, rows sorted by bytes per vector."""
     lines = ["# Retrieval vectors: quality vs bytes per vector", "", RECALL_NOTE,
              "`+rr` columns re-rank the top k×oversample candidates exactly from float32 originals on disk. "
              "bytes/vec counts every in-memory per-vector byte (code with its norms or scales, attributes; "
@@ -79,35 +99,46 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
              "Queries/s: the whole query batch searched at once on `threads` threads, ours and FAISS alike, "
              "nq / process CPU seconds (best of repeats; robust to other jobs on a shared machine; the "
              "wall-clock figures are in results.jsonl as `qps`, `faiss_qps`). "
-             "FAISS figures come from the equivalent FAISS index in the same run.", ""]
+             "FAISS figures come from the equivalent FAISS index in the same run. "
+             "A table is one whole configuration (content fingerprints of base, queries, training sample and "
+             "qrels, metric, k, oversample, seed, threads); tables of one data set differ in the settings "
+             "named in their titles. ★ marks the codecs on the Pareto front of recall@k (+rr when re-ranked "
+             "is better) against bytes per vector.", ""]
     if not records:
         return "\n".join([*lines, "_No records._", ""])
-    for (dataset, metric, k, oversample, n, nq), rs in _groups(records).items():
+    lines += set_aside_note(latest_per_trial(records)[1])
+    for title, rs in _groups(records):
         qrels = any("ndcg_at_10" in r for r in rs)
         ref = next((r for r in rs if r.get("codec") == "float32"), None)
-        threads = rs[0].get("threads")
-        lines += [f"## {dataset}", "",
-                  f"N = {n:,} vectors of d = {rs[0].get('d')}, {nq:,} queries, metric {metric}, k = {k}, "
-                  f"oversample = {oversample}, threads = {threads}.", ""]
+        c = rs[0]
+        k = c["k"]
+        lines += [f"## {title}", "",
+                  f"N = {c['n']:,} vectors of d = {c['d']}, {c['nq']:,} queries, metric {c['metric']}, k = {k}, "
+                  f"oversample = {c['oversample']}, threads = {c['threads']}, codecs fitted on "
+                  f"{c['train_n']:,} vectors.", ""]
+        best = [max((r.get("recall_at_k") or -1), (r.get("recall_at_k_rerank") or -1)) for r in rs]
+        front = pareto_front([(r.get("bytes_per_vector"), b) for r, b in zip(rs, best, strict=True)])
         cols = ["codec", "bytes/vec", "×smaller", "fixed", f"recall@{k}", f"recall@{k} +rr",
-                f"FAISS recall@{k}", "q/s", "q/s +rr", "FAISS q/s", "FAISS q/s +rr", "encode vec/s", "FAISS index"]
+                f"FAISS recall@{k}", "q/s", "q/s +rr", "FAISS q/s", "FAISS q/s +rr", "encode vec/s", "FAISS index",
+                "Pareto"]
         if qrels:
             cols[7:7] = ["nDCG@10", "nDCG@10 +rr", "% float", "% float +rr", "FAISS nDCG@10", "R@100", "R@100 +rr"]
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         ref_ndcg = ref.get("ndcg_at_10") if ref else None
-        for r in rs:
+        table = []
+        for i, r in enumerate(rs):
             row = [f"`{r.get('codec')}`", _fmt(r.get("bytes_per_vector")), _fmt(r.get("compression"), 3),
                    _fmt(r.get("fixed_bytes")), _fmt(r.get("recall_at_k")), _fmt(r.get("recall_at_k_rerank")),
                    _fmt(r.get("faiss_recall_at_k")), _fmt(_qps(r, "qps")), _fmt(_qps(r, "qps_rerank")),
                    _fmt(_qps(r, "faiss_qps")), _fmt(_qps(r, "faiss_qps_rerank")), _fmt(r.get("encode_vps")),
-                   r.get("faiss_index") or "–"]
+                   r.get("faiss_index") or "–", "★" if i in front else ""]
             if qrels:
                 def pct(v: Any, ref: Any = ref_ndcg) -> str:
                     return f"{100 * v / ref:.1f}" if (v is not None and ref) else "–"
                 row[7:7] = [_fmt(r.get("ndcg_at_10")), _fmt(r.get("ndcg_at_10_rerank")), pct(r.get("ndcg_at_10")),
                             pct(r.get("ndcg_at_10_rerank")), _fmt(r.get("faiss_ndcg_at_10")),
                             _fmt(r.get("recall_at_100")), _fmt(r.get("recall_at_100_rerank"))]
-            lines.append("| " + " | ".join(row) + " |")
+            table.append(row)
+        lines += md_table(cols, "l" + "r" * (len(cols) - 3) + "ll", table)
         notes = _faiss_notes(rs)
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
@@ -125,14 +156,13 @@ def render_pareto_png(records: Sequence[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _groups(records)
     panels = []
-    for key, rs in groups.items():
-        panels.append((key, rs, "recall_at_k", f"recall@{key[2]}"))
+    for title, rs in _groups(records):
+        panels.append((title, rs, "recall_at_k", f"recall@{rs[0]['k']}"))
         if any("ndcg_at_10" in r for r in rs):
-            panels.append((key, rs, "ndcg_at_10", "nDCG@10"))
+            panels.append((title, rs, "ndcg_at_10", "nDCG@10"))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 5), squeeze=False)
-    for ax, (key, rs, field, label) in zip(axes[0], panels, strict=False):
+    for ax, (title, rs, field, ylabel) in zip(axes[0], panels, strict=False):
         for suffix, style, name in (("", "o", "codes"), ("_rerank", "^", "codes + re-rank"),
                                     ("faiss", "x", "FAISS")):
             f = f"faiss_{field}" if suffix == "faiss" else field + suffix
@@ -150,8 +180,8 @@ def render_pareto_png(records: Sequence[dict[str, Any]]) -> bytes:
             ax.axhline(ref, ls="--", lw=1, color="gray", label="float32 exact")
         ax.set_xscale("log")
         ax.set_xlabel("bytes per vector (in memory, log scale)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{key[0]} ({key[1]})")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} ({rs[0]['metric']})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -162,13 +192,6 @@ def render_pareto_png(records: Sequence[dict[str, Any]]) -> bytes:
 
 
 def render_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``pareto.png`` into ``run_dir`` from its ``results.jsonl`` (atomically)."""
-    run_dir = Path(run_dir)
-    results = run_dir / "results.jsonl"
-    if not results.is_file():
-        raise FileNotFoundError(f"{results} not found: run `embpress vectors eval ... --out {run_dir}` first")
-    records = read_records(results)
-    md, png = run_dir / "report.md", run_dir / "pareto.png"
-    atomic_write_text(md, render_markdown(records))
-    atomic_write_bytes(png, render_pareto_png(records))
-    return md, png
+    """Write ``report.md`` and ``pareto.png`` into ``run_dir`` from its ``results.jsonl`` (vectors records)."""
+    return write_report_files(run_dir, "vectors", render_markdown=render_markdown, render_png=render_pareto_png,
+                              producer="embpress vectors eval ...")
