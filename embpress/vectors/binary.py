@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from embpress.vectors.codec import Codec, register_codec
-from embpress.vectors.kernels import as_words, hamming_search, lut_queries
+from embpress.vectors.kernels import as_words, faiss_hamming_flat, hamming_search, lut_queries
 from embpress.vectors.metric import Metric
 from embpress.vectors.scan import hamming, lut_scan, pm1_lut, sign_bits
 
@@ -86,7 +86,11 @@ class _SignCodec(Codec):
             if metric is Metric.L2:  # |v|^2 - 2 <v, b> + B
                 dist = np.maximum(dist + ((v * v).sum(1)[:, None] + np.float32(nbits)), 0)
             return dist, found
-        h, found = hamming_search(as_words(sign_bits(v)), as_words(codes), offsets, ids, probes, mask, k)
+        flat = offsets.size == 2 and not ids.size and not probes.any() and probes.shape[1] == 1
+        if flat and mask.shape[0] <= 1:  # FAISS's kernel, as fast as ours here (see kernels)
+            h, found = faiss_hamming_flat(sign_bits(v), codes, k, mask[0] if mask.size else None)
+        else:
+            h, found = hamming_search(as_words(sign_bits(v)), as_words(codes), offsets, ids, probes, mask, k)
         return np.where(found >= 0, self._from_hamming(h, metric), np.float32(np.inf)), found
 
 

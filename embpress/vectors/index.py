@@ -103,23 +103,6 @@ def attribute_in(column: int, values: Sequence[int] | np.ndarray) -> Callable[[n
     return lambda attrs: np.isin(attrs[:, column], allowed)
 
 
-def _sorted_topk(dist: np.ndarray, ids: np.ndarray, k: int) -> SearchResult:
-    """Best ``k`` per row, ascending distance (ties by id), padded to k with +inf / -1."""
-    m, kk = dist.shape
-    if kk > k:
-        part = np.argpartition(dist, k - 1, axis=1)[:, :k]
-        dist, ids = np.take_along_axis(dist, part, axis=1), np.take_along_axis(ids, part, axis=1)
-    ids = np.where(np.isfinite(dist), ids, -1)
-    dist = np.where(ids >= 0, dist, np.inf)
-    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), dist), axis=1)
-    dist, ids = np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
-    if dist.shape[1] < k:
-        pad = k - dist.shape[1]
-        dist = np.concatenate([dist, np.full((m, pad), np.inf)], axis=1)
-        ids = np.concatenate([ids, np.full((m, pad), -1, dtype=np.int64)], axis=1)
-    return SearchResult(np.ascontiguousarray(dist, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-
-
 def _flatten_state(state: dict[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for key, value in state.items():
@@ -650,10 +633,10 @@ class Index:
             raise ValueError("the index is empty: add vectors before searching")
         k = int(k)
         kk = k * int(oversample)
-        dist, ids = self._scan(q, kk, filter, nprobe)
+        dist, ids = self._scan(q, kk, filter, nprobe)  # sorted by (distance, id), padded (+inf, -1)
         if oversample > 1:
-            return self._rerank(q, np.where(np.isfinite(dist), ids, -1), k)
-        return _sorted_topk(dist, ids, k)
+            return self._rerank(q, ids, k)
+        return SearchResult(dist, ids)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
