@@ -26,9 +26,8 @@ A format plugs in as a :class:`Source` that yields :class:`RawChunk` objects and
 from __future__ import annotations
 
 import abc
-import contextlib
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -39,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from embpress.data import cache
+from embpress.progress import progress_task
 
 PREPROCESS_VERSION = 1
 """Bump when any processing rule changes: it is part of the cache key."""
@@ -53,31 +53,6 @@ or its 64-bit hash) plus a 4-byte id. The OOV id needs no entry; hash-table slac
 SPLITS = ("train", "valid", "test")
 
 
-# --------------------------------------------------------------------------------------------
-# Progress
-
-
-@contextlib.contextmanager
-def progress_task(description: str, total: int | None, *, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (``enabled``) or nothing; yields ``advance(n)``."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from embpress.progress import progress_task
 from embpress.vectors.codec import Codec, NotFittedError, as_matrix, build_codec, codec_from_state
 from embpress.vectors.kernels import rerank_exact
 from embpress.vectors.metric import Metric, SearchResult, as_metric
@@ -375,7 +376,8 @@ class Index:
         self._check_growable()
         t0 = time.perf_counter()
         blocks = range(0, n, self.block_size)
-        with _progress(progress, f"encode {Path(path).name}", 2 * n if self.nlist_ and not self.ntotal else n) as advance:
+        total = 2 * n if self.nlist_ and not self.ntotal else n  # an empty IVF index reads the file twice
+        with progress_task(f"encode {Path(path).name}", total, enabled=progress) as advance:
             if self.ntotal == 0 and not self._pending:
                 self._stream_into_place(reader, blocks, advance)
             else:
@@ -841,28 +843,6 @@ def _remove_leftovers(path: Path) -> None:
         for p in path.parent.glob(f".{path.name}.*"):
             if p.is_dir() and (p.name.endswith(".tmp") or p.name.startswith(f".{path.name}.old-")):
                 shutil.rmtree(p, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str, total: int):
-    """A rich progress bar with vectors/s on stderr (``enabled``) or nothing; yields ``advance(n)``."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True)) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 class _Limited:
