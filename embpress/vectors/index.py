@@ -41,6 +41,7 @@ Version 1 folders (flat, before IVF) still load.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -445,8 +447,7 @@ class Index:
             return
         path = Path(self.rerank_path)
         if self.ntotal == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            open(path, "wb").close()
+            self._claim(path, truncate=True)
         try:
             append_f32(path, x)
         except BaseException:
@@ -497,16 +498,40 @@ class Index:
     def set_rerank_path(self, path: str | os.PathLike) -> None:
         """Copy the current originals to ``path`` and keep appending there (e.g. after :meth:`load`)."""
         path = Path(path)
-        if self.ntotal and self.rerank_path is not None:
-            src = Path(self._frozen_originals or self.rerank_path)
+        if self.ntotal and self.rerank_path is None:
+            raise ValueError("this index holds no originals to re-rank from; build it with rerank_path set")
+        if self.ntotal:
+            src = Path(self._frozen_originals or self.rerank_path)  # type: ignore[arg-type]
             if src.resolve() != path.resolve():
-                path.parent.mkdir(parents=True, exist_ok=True)
+                self._claim(path, truncate=False)
                 shutil.copyfile(src, path)
             self._originals = None
-        elif self.ntotal:
-            raise ValueError("this index holds no originals to re-rank from; build it with rerank_path set")
         self.rerank_path = path
         self._frozen_originals = None
+
+    def _claim(self, path: Path, *, truncate: bool) -> None:
+        """Make ``path`` this index's own working originals: an exclusive lock held while the index lives.
+
+        Two open indexes can never append to, truncate or re-rank from one file; a second claim
+        fails here instead of corrupting the first index's distances.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"{path} is the re-ranking file of another open index; give each index its own "
+                             "rerank_path") from None
+        if truncate:
+            os.ftruncate(fd, 0)
+        self._release_claim()
+        self._claim_close = weakref.finalize(self, os.close, fd)
+
+    def _release_claim(self) -> None:
+        closer = self.__dict__.pop("_claim_close", None)
+        if closer is not None:
+            closer()
 
     # ------------------------------------------------------------------ search
     def _mask(self, filt: FilterSpec, nq: int, lo: int, hi: int) -> np.ndarray | None:
@@ -677,6 +702,7 @@ class Index:
             raise
         if work is not None and path.resolve() in work.parents:
             # The working originals were inside the folder just replaced: use the saved copy.
+            self._release_claim()
             self._originals = None
             self.rerank_path = path / _ORIG
             self._frozen_originals = path / _ORIG

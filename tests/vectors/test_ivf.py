@@ -325,3 +325,49 @@ def test_build_index_cli_path(data, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.npy", "out"]  # no build leftovers
     gt = exact_knn(x, q, 10, "ip").ids
     assert recall_at_k(idx.search(q, 10, oversample=4).ids, gt, 10) >= 0.95
+
+
+def test_two_open_indexes_never_share_a_rerank_file(data, tmp_path):
+    x, q = data
+    first = Index("sq8", rerank_path=tmp_path / "o.f32").fit(x)
+    first.add(x)
+    second = Index("sq8", rerank_path=tmp_path / "o.f32").fit(x)
+    with pytest.raises(ValueError, match="another open index"):
+        second.add(x[:10])
+    assert (tmp_path / "o.f32").stat().st_size == x.nbytes  # the first index's file is untouched
+    np.testing.assert_array_equal(first.search(q, 3, oversample=2).ids, first.search(q, 3, oversample=2).ids)
+    other = Index("sq8", rerank_path=tmp_path / "p.f32").fit(x)
+    other.add(x[:10])
+    with pytest.raises(ValueError, match="another open index"):
+        other.set_rerank_path(tmp_path / "o.f32")
+    del first
+    import gc
+
+    gc.collect()
+    second.add(x[:10])  # the file is free once its index is gone
+    assert second.search(q, 3, oversample=2).ids.max() < 10
+
+
+def test_index_folder_byte_flips_are_all_detected(data, tmp_path):
+    """Flip one random byte of a random file of a saved IVF index folder, 60 times: every load fails."""
+    x, _ = data
+    idx = Index("ivf8,pq8", rerank_path=tmp_path / "o.f32").fit(x)
+    idx.add(x[:500], attributes=np.arange(500) % 3)
+    idx.save(tmp_path / "i")
+    files = sorted((tmp_path / "i").iterdir())
+    originals = {f: f.read_bytes() for f in files}
+    rng = np.random.default_rng(0)
+    detected = 0
+    for trial in range(60):
+        f = files[trial % len(files)]
+        raw = bytearray(originals[f])
+        pos = int(rng.integers(len(raw)))
+        raw[pos] ^= int(rng.integers(1, 256))
+        f.write_bytes(bytes(raw))
+        try:
+            Index.load(tmp_path / "i")
+        except ValueError:
+            detected += 1
+        f.write_bytes(originals[f])
+    assert detected == 60
+    Index.load(tmp_path / "i")  # intact again
