@@ -195,12 +195,11 @@ def run_faiss(args, key: str, params: list[int], oversample: int) -> list[dict]:
         target.add(np.ascontiguousarray(x[s:s + 100_000]))
     build_s = time.perf_counter() - t
     recs = []
-    code = index.sa_code_size() if hasattr(index, "sa_code_size") else 4 * d
-    per_vec = {"Flat": 4 * d}.get(key, None)
+    per_vec = 4 * d  # Flat
     if key.startswith("IVF"):
-        per_vec = code + 8
+        per_vec = index.sa_code_size() + 8  # code + int64 id in the inverted list
     elif key.startswith("HNSW"):
-        per_vec = 4 * d + 32 * 2 * 4  # float32 vector + level-0 links (2M ints); upper levels ignored
+        per_vec = 4 * d + index.hnsw.nb_neighbors(0) * 4  # float32 vector + level-0 links (2M int32s)
     for p in params:
         for ov in ((1, oversample) if refine is not None else (1,)):
             if key.startswith("IVF"):
