@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -315,6 +316,17 @@ class CompressedTable(nn.Module):
 
     def serving_state(self) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def serving_spec(self) -> dict[str, Any]:
+        """The settings a served lookup needs beyond the arrays of :meth:`serving_state` (JSON-able)."""
+        return {}
+
+    def save_serving(self, path: str | os.PathLike) -> None:
+        """Write exactly the :meth:`serving_state` arrays (safetensors) and a JSON header to ``path``,
+        atomically; :func:`embpress.serving.load` serves lookups from it alone."""
+        from embpress import serving
+
+        serving.save(self, path)
 
     def regularizer(self) -> torch.Tensor | None:
         """An extra loss term added by the trainer at every step (None: nothing)."""
