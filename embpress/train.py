@@ -78,6 +78,8 @@ class TrainResult:
     test_logloss: float
     train_samples_per_s: float
     train_seconds: float
+    train_state_bytes: int = 0
+    """The largest ``table.train_state_bytes()`` over the stages (at each stage's start and end)."""
     stages: list[StageReport] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -170,6 +172,7 @@ class Trainer:
         """Run all stages, then evaluate on the test split."""
         reports, history = [], []
         train_samples, train_seconds = 0, 0.0
+        self.train_state_bytes = self.model.table.train_state_bytes()
         for stage in self.model.table.stages():
             rep, hist, samples, seconds = self._run_stage(stage)
             reports.append(rep)
@@ -181,7 +184,8 @@ class Trainer:
         return TrainResult(
             valid_auc=valid_auc, test_auc=test_auc, test_logloss=test_ll,
             train_samples_per_s=train_samples / train_seconds if train_seconds > 0 else float("nan"),
-            train_seconds=train_seconds, stages=reports, history=history,
+            train_seconds=train_seconds, train_state_bytes=self.train_state_bytes, stages=reports,
+            history=history,
         )
 
     def _run_stage(self, stage: Stage) -> tuple[StageReport, list[dict], int, float]:
@@ -192,6 +196,7 @@ class Trainer:
             model.load_state_dict(self.head_init, strict=False)
         if stage.before is not None:
             stage.before(ctx)
+        self.train_state_bytes = max(self.train_state_bytes, model.table.train_state_bytes())
         epochs = cfg.epochs if stage.epochs is None else stage.epochs
         n = len(self.data.train)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -248,6 +253,7 @@ class Trainer:
                 model.load_state_dict(best_state)
         if stage.after is not None:
             stage.after(ctx)
+        self.train_state_bytes = max(self.train_state_bytes, model.table.train_state_bytes())
         seconds = time.perf_counter() - t0
         rep = StageReport(stage.name, seconds, samples / n if n else 0.0, samples,
                           None if best_auc == -math.inf else best_auc)

@@ -56,6 +56,11 @@ def test_run_records_resume_and_report(tmp_path, tiny_data):
             assert key in r, key
         if r["method"] == "hash":
             assert r["serving_bytes"] <= r["full_bytes"] / r["ratio"]
+        # training memory beside serving memory: counted and measured
+        assert r["train_state_bytes"] >= r["serving_bytes"]
+        assert r["peak_rss_bytes"] > r["train_state_bytes"] and r["peak_rss_scope"] in ("trial", "process")
+    full = next(r for r in ok if r["method"] == "full")
+    assert full["train_state_bytes"] >= 3 * full["full_bytes"]  # weights and two Adam moments
     unreachable = [r for r in recs if r["status"] == "unreachable"]
     assert {(r["method"], r["ratio"]) for r in unreachable} == {("hash", 100_000.0)}
     assert "budget" in unreachable[0]["reason"]
@@ -69,6 +74,7 @@ def test_run_records_resume_and_report(tmp_path, tiny_data):
     md, png = write_report(tmp_path)
     text = md.read_text()
     assert "cannot reach" in text and "| hash | 4x |" in text and "Which method at which budget" in text
+    assert "| train state | peak RSS |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

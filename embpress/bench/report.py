@@ -34,6 +34,8 @@ class Row:
     achieved: list[float] = field(default_factory=list)
     train_sps: list[float] = field(default_factory=list)
     infer_lps: list[float] = field(default_factory=list)
+    train_state: list[float] = field(default_factory=list)
+    peak_rss: list[float] = field(default_factory=list)
     flops: float | None = None
     stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     reason: str = ""
@@ -83,6 +85,8 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
         row.achieved.append(r["achieved_ratio"])
         row.train_sps.append(r.get("train_samples_per_s"))
         row.infer_lps.append(r.get("infer_lookups_per_s"))
+        row.train_state.append(r.get("train_state_bytes", math.nan))
+        row.peak_rss.append(r.get("peak_rss_bytes", math.nan))
         row.flops = r.get("flops_per_lookup")
         row.full_bytes = r.get("full_bytes")
         for name, sec in (r.get("stage_seconds") or {}).items():
@@ -186,6 +190,11 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
         "Stages train for the grid's epochs (or the epochs the method fixes for a stage), so a "
         "multi-stage method (search then retrain, train then finetune) sees the training data once per "
         "stage: at one epoch per stage it can beat a single-stage `full` that saw it once.",
+        "Training memory is the study's second axis: `train state` counts what training holds for the "
+        "table (parameters, buffers such as supernets and masks, Adam's two moments per trainable "
+        "parameter, dense gradients), the largest over the stages; `peak RSS` is the measured peak "
+        "resident memory of the process over the trial (model head, data pages and allocator included). "
+        "A method with `train state` far above its `serving bytes` compresses at serving only.",
         "",
     ]
     names = {r["dataset"]: r["dataset_name"] for r in records if r.get("dataset") and r.get("dataset_name")}
@@ -201,20 +210,22 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
         if full is not None and full.full_bytes:
             lines += [f"Full fp32 table: {_fmt_bytes(full.full_bytes)}.", ""]
         lines += [
-            "| method | target ratio | achieved ratio | serving bytes | test AUC | log loss | ΔAUC vs full "
-            "| train samples/s | infer lookups/s | MFLOP/lookup | stage times (s) | seeds |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+            "| method | target ratio | achieved ratio | serving bytes | train state | peak RSS | test AUC "
+            "| log loss | ΔAUC vs full | train samples/s | infer lookups/s | MFLOP/lookup | stage times (s) | seeds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         for r in sorted(rs, key=lambda r: (r.ratio, -(r.auc if r.aucs else -1))):
             if r.status == "unreachable":
-                lines.append(f"| {r.method} | {r.ratio:g}x | cannot reach | | | | | | | | {r.reason.splitlines()[0][:140]} | |")
+                lines.append(f"| {r.method} | {r.ratio:g}x | cannot reach | | | | | | | | | | "
+                             f"{r.reason.splitlines()[0][:140]} | |")
                 continue
             delta = r.auc - full.auc if full is not None and r is not full else math.nan
             stages = ", ".join(f"{k} {_mean(v):.1f}" for k, v in r.stages.items())
             flops = f"{r.flops / 1e6:.3f}" if r.flops else "-"
             lines.append(
                 f"| {r.method} | {'ref' if r.reference else f'{r.ratio:g}x'} | {_mean(r.achieved):.1f}x "
-                f"| {_fmt_bytes(_mean(r.serving))} | {_pm(r.auc, r.auc_std)} "
+                f"| {_fmt_bytes(_mean(r.serving))} | {_fmt_bytes(_mean(r.train_state))} "
+                f"| {_fmt_bytes(_mean(r.peak_rss))} | {_pm(r.auc, r.auc_std)} "
                 f"| {_pm(_mean(r.loglosses), _std(r.loglosses))} "
                 f"| {'' if not math.isfinite(delta) else f'{delta:+.4f}'} | {_rate(_mean(r.train_sps))} "
                 f"| {_rate(_mean(r.infer_lps))} | {flops} | {stages} | {len(r.aucs)} |"
