@@ -323,10 +323,11 @@ def write_synthetic(cfg: SyntheticConfig, folder: Path, *, progress: Callable[[i
     }
 
 
-def write_criteo_tsv(cfg: SyntheticConfig, path: Path, *, block_rows: int = GEN_BLOCK) -> Path:
+def write_criteo_tsv(cfg: SyntheticConfig, path: Path, *, block_rows: int = 1 << 16) -> Path:
     """Write the preset ``cfg`` as a Criteo-format TSV (label, 13 integer, 26 hex columns) for testing
     the ``criteo:`` loader at scale: dense values become ``round(10 * max(x, 0))``, raw value ``v``
-    of field ``f`` becomes the 8-digit hex of ``v * 2654435761 + f mod 2**32`` (block by block)."""
+    of field ``f`` becomes the 8-digit hex of ``v * 2654435761 + f mod 2**32``. Written in blocks of
+    ``block_rows`` rows (text formatting needs about 1 KB per row of a block)."""
     if cfg.num_dense != 13 or len(cfg.cardinalities()) != 26:
         raise ValueError("write_criteo_tsv needs 13 dense and 26 categorical fields (preset='criteo')")
     cards = cfg.cardinalities()
