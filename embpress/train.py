@@ -244,7 +244,9 @@ class Trainer:
                         self.log(f"{stage.name} epoch {step / steps_per_epoch:.2f}: valid AUC {auc:.4f}")
                         if stage.early_stopping and auc > best_auc:
                             best_auc, bad_evals = auc, 0
-                            best_state = copy.deepcopy(model.state_dict())
+                            # at the stage's last step the model is the best state: no copy (a copy
+                            # of a Criteo-size table is 2 GB of training memory)
+                            best_state = None if step == total_steps else copy.deepcopy(model.state_dict())
                         elif stage.early_stopping:
                             bad_evals += 1
                             if bad_evals >= cfg.patience:
