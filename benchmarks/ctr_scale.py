@@ -94,7 +94,23 @@ def point(args) -> dict:
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, evals_per_epoch=1, progress=False,
                       eval_batch_size=16384)
     res = Trainer(model, data, cfg).fit()
+    peak = peak_rss_bytes()  # training and evaluation; the artifact round trip below is not counted
     model.eval()
+    artifact = {}
+    if args.point != "plain":
+        import tempfile
+
+        from embpress import serving
+
+        with tempfile.TemporaryDirectory(dir=args.artifact_dir) as tmp:
+            path = Path(tmp) / "table.safetensors"
+            table.save_serving(path)
+            served = serving.load(path)
+            ids = torch.from_numpy(data.test.sparse[:4096].astype("int64"))
+            with torch.no_grad():
+                exact = bool(torch.equal(served(ids), table(ids)))
+            artifact = {"artifact_bytes": path.stat().st_size, "artifact_equal": exact}
+            del served
     batches = list(data.test.batches(args.batch_size))[:20]
     with torch.no_grad():
         t = time.perf_counter()
@@ -104,9 +120,9 @@ def point(args) -> dict:
             "train_rows": len(data.train), "train_samples_per_s": res.train_samples_per_s,
             "infer_samples_per_s": infer, "test_auc": res.test_auc if args.data else None,
             "serving_bytes": table.serving_bytes(), "full_bytes": table.full_bytes,
-            "train_state_bytes": res.train_state_bytes, "peak_rss_bytes": peak_rss_bytes(),
+            "train_state_bytes": res.train_state_bytes, "peak_rss_bytes": peak,
             "train_seconds": res.train_seconds, "load_seconds": load_s, "threads": args.threads,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, **artifact}
 
 
 def grid(args) -> None:
@@ -118,9 +134,15 @@ def grid(args) -> None:
         done = {(r["method"], r["ratio"], r["scale"]) for r in map(json.loads, results.read_text().splitlines())}
     scales = args.scales.split(",")
     methods = [(m, r) for m, r in METHODS if not args.methods or m in args.methods.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
     for s in scales:
         for m, r in methods:
             if (m, r, s) in done:
+                continue
+            if f"{m}@{s}" in skip:
+                rec = {"method": m, "ratio": r, "scale": s, "error": "skipped (--skip): " + args.skip_reason}
+                with open(results, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
                 continue
             cmd = [sys.executable, __file__, "--point", m, "--ratio", str(r), "--scale", str(SCALES[s]),
                    "--steps", str(args.steps), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
@@ -171,6 +193,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--scales", default="1M,10M,33.8M")
     ap.add_argument("--methods", default="")
+    ap.add_argument("--artifact-dir", default=None, help="where the serving artifact is written (then deleted)")
+    ap.add_argument("--skip", default="", help="points not to run, e.g. plain@33.8M (recorded as skipped)")
+    ap.add_argument("--skip-reason", default="")
     args = ap.parse_args()
     if args.point:
         print(json.dumps(point(args)), flush=True)

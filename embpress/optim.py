@@ -16,6 +16,20 @@ from collections.abc import Iterable
 
 import torch
 
+COUNT_FACTOR = 8
+"""Tables with at most this many rows per looked-up index find the touched rows by counting
+(``bincount``, O(rows + lookups)) instead of sorting the indices (O(lookups log lookups))."""
+
+
+def _unique_rows(index: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(index, sorted=True, return_inverse=True)``, by counting for small tables."""
+    if num_rows > COUNT_FACTOR * index.numel():
+        return torch.unique(index, sorted=True, return_inverse=True)
+    touched = torch.bincount(index, minlength=num_rows) > 0
+    rows = touched.nonzero().squeeze(1)
+    position = torch.cumsum(touched, 0) - 1
+    return rows, position[index]
+
 
 class RowSparseAdam(torch.optim.Optimizer):
     """Adam on the rows a sparse gradient touches (Kingma & Ba 2015; torch's SparseAdam semantics).
@@ -61,7 +75,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                 if grad.is_coalesced():
                     rows, g = index, values
                 else:
-                    rows, inverse = torch.unique(index, sorted=True, return_inverse=True)
+                    rows, inverse = _unique_rows(index, p.shape[0])
                     g = values.new_zeros((rows.numel(), *values.shape[1:])).index_add_(0, inverse, values)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 old_avg, old_sq = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)

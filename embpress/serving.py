@@ -92,14 +92,15 @@ def save(table: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``(header, arrays)`` of a serving artifact, checked: structure, sizes and CRC-32.
+def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(header, arrays)`` of a serving artifact (arrays as tensors, read once, no further copy),
+    checked: structure, sizes and CRC-32.
 
     Raises FileNotFoundError for a missing file and ValueError naming the file for anything
     malformed, truncated or damaged.
     """
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
@@ -132,7 +133,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]
         arrays = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"serving artifact {path} is malformed: {e}") from None
-    if _crc(arrays) != header.get("crc32"):
+    if _crc({k: v.numpy() for k, v in arrays.items()}) != header.get("crc32"):
         raise ValueError(f"serving artifact {path} fails its CRC-32 check: the array bytes are damaged")
     return header, arrays
 
@@ -144,7 +145,7 @@ def load(path: str | os.PathLike) -> ServedTable:
     cls = served_class(method)
     try:
         return cls(fields=[(str(n), int(s)) for n, s in header["fields"]], dim=int(header["dim"]),
-                   arrays={k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+                   arrays=arrays,
                    spec=header.get("spec") or {}, method=method)
     except (KeyError, IndexError, TypeError) as e:
         raise ValueError(f"serving artifact {path}: arrays do not match method {method!r} ({e!r})") from None

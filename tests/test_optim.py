@@ -38,3 +38,15 @@ def test_rejects_dense_gradients_and_bad_settings():
         RowSparseAdam([w]).step()
     with pytest.raises(ValueError, match="lr > 0"):
         RowSparseAdam([w], lr=0)
+
+
+def test_counting_and_sorting_find_the_same_rows(monkeypatch):
+    from embpress import optim
+
+    index = torch.tensor([7, 3, 3, 0, 9, 7, 7])
+    counted = optim._unique_rows(index, 10)
+    monkeypatch.setattr(optim, "COUNT_FACTOR", 0)
+    sorted_ = optim._unique_rows(index, 10)
+    for a, b in zip(counted, sorted_, strict=True):
+        assert torch.equal(a, b)
+    assert counted[0].tolist() == [0, 3, 7, 9] and counted[1].tolist() == [2, 1, 1, 0, 3, 2, 2]
