@@ -166,11 +166,14 @@ def plot(results: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     recs = [r for r in map(json.loads, results.read_text().splitlines()) if "error" not in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    methods = sorted({r["method"] for r in recs})
+    cmap = plt.get_cmap("tab10")
     for key in sorted({(r["method"], r["ratio"]) for r in recs}):
         pts = sorted((r["ids"], r["train_samples_per_s"]) for r in recs if (r["method"], r["ratio"]) == key)
-        label = key[0] if key[0] in ("noid", "full", "plain") else f"{key[0]}@{key[1]}x"
-        ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        label = key[0] if key[0] in ("noid", "full", "plain") else f"{key[0]}@{key[1]:g}x"
+        ax.plot(*zip(*pts, strict=True), marker="o" if key[1] != 10 else "s", ls="--" if key[1] == 10 else "-",
+                color=cmap(methods.index(key[0]) % 10), label=label)
     ax.set_xscale("log")
     ax.set_xlabel("ids in the table (Criteo preset scaled)")
     ax.set_ylabel("train samples/s (DLRM, batch 2048, 1 thread)")

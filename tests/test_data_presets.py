@@ -79,3 +79,4 @@ def test_criteo_loader_reads_a_generated_tsv(tmp_path):
     same = load_dataset(f"criteo:{path}", cache_dir=tmp_path / "cache2", min_count=1, chunk_rows=3000,
                         progress=False)
     np.testing.assert_array_equal(same.train.sparse, ds.train.sparse)
+

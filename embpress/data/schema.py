@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -10,9 +9,6 @@ import numpy as np
 import torch
 
 from embpress.tables.base import Field
-
-RELEASE_EVERY = 64
-"""Batches between two releases of a memory-mapped split's pages (:meth:`Split.release_pages`)."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +45,7 @@ class Split:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n = len(self)
         order = torch.randperm(n, generator=generator).numpy() if shuffle else None
-        for b, start in enumerate(range(0, n, batch_size)):
-            if b and b % RELEASE_EVERY == 0:
-                self.release_pages()
+        for start in range(0, n, batch_size):
             if order is None:
                 sl = slice(start, min(start + batch_size, n))
                 d, s, y = self.dense[sl], self.sparse[sl], self.label[sl]
@@ -61,18 +55,6 @@ class Split:
             yield (torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32)),
                    torch.from_numpy(np.ascontiguousarray(s, dtype=np.int64)),
                    torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)))
-        self.release_pages()
-
-    def release_pages(self) -> None:
-        """Drop this process's resident pages of memory-mapped arrays (``MADV_DONTNEED``): they stay
-        in the page cache and are read again on use, so a pass over a large cached split does not
-        grow the process's resident memory by the split's size. Arrays held in memory are untouched.
-        The cache maps its files copy-on-write and embpress never writes to them; an in-place change
-        a caller made to a mapped array would be dropped here (the file's values come back)."""
-        for a in (self.dense, self.sparse, self.label):
-            mm = getattr(a, "_mmap", None)
-            if isinstance(mm, mmap.mmap):
-                mm.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass(frozen=True)
