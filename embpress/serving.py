@@ -243,6 +243,8 @@ def _universal_hash(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.
 
 @register_served("full")
 class FullServed(ServedTable):
+    """One fp32 row per id of every field."""
+
     needs = ("weight",)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -251,6 +253,8 @@ class FullServed(ServedTable):
 
 @register_served("noid")
 class NoIdServed(ServedTable):
+    """One vector per field, whatever the id."""
+
     needs = ("weight",)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -259,6 +263,8 @@ class NoIdServed(ServedTable):
 
 @register_served("hash")
 class HashServed(ServedTable):
+    """Per field, ``h_f(id) mod m_f`` into the shared rows (small fields unhashed)."""
+
     needs = ("weight", "hash_a", "hash_b", "buckets")
 
     def setup(self) -> None:
@@ -276,6 +282,8 @@ class HashServed(ServedTable):
 
 @register_served("unified")
 class UnifiedServed(ServedTable):
+    """One shared table of ``D / c`` wide rows, ``c`` salted hashes per (field, id), concatenated."""
+
     needs = ("weight", "hash_a", "hash_b", "buckets")
 
     def setup(self) -> None:
@@ -288,6 +296,8 @@ class UnifiedServed(ServedTable):
 
 @register_served("robe")
 class RobeServed(ServedTable):
+    """Blocks of one circular array read at hashed offsets, with hashed signs."""
+
     needs = ("array", "offset_a", "offset_b")
 
     def setup(self) -> None:
@@ -424,6 +434,8 @@ class TTServed(ServedTable):
 
 @register_served("dhash")
 class DoubleHashServed(ServedTable):
+    """Frequent ids (``id < k_f``) own rows; the others read two hashed rows (sum or concat)."""
+
     needs = ("frequent_weight", "hashed_weight", "hash_a", "hash_b", "num_frequent", "hashed_rows")
 
     def setup(self) -> None:
@@ -489,6 +501,8 @@ class AdaptServed(ServedTable):
 
 @register_served("dedup")
 class DedupServed(ServedTable):
+    """Unique blocks of rows and the block remap."""
+
     needs = ("blocks", "remap")
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
