@@ -1,7 +1,7 @@
 """One trainer for every method: runs the table's stages, early-stops on validation AUC, evaluates.
 
 Stages come from ``model.table.stages()`` as data (:class:`embpress.tables.Stage`); the trainer
-has no method-specific branches. Sparse-gradient parameters get SparseAdam, the rest Adam, and
+has no method-specific branches. Sparse-gradient parameters get RowSparseAdam (SparseAdam's update, faster), the rest Adam, and
 bilevel stages update ``table.arch_parameters()`` on validation batches.
 """
 
@@ -27,6 +27,7 @@ from torch import nn
 from embpress.atomic import atomic_open
 from embpress.data.schema import CTRDataset, Split
 from embpress.models.base import CTRModel
+from embpress.optim import RowSparseAdam
 from embpress.tables.base import Stage, StageContext
 
 
@@ -81,6 +82,8 @@ class TrainResult:
     test_logloss: float
     train_samples_per_s: float
     train_seconds: float
+    train_state_bytes: int = 0
+    """The largest ``table.train_state_bytes()`` over the stages (at each stage's start and end)."""
     stages: list[StageReport] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -105,7 +108,7 @@ def evaluate(model: CTRModel, split: Split, batch_size: int = 16384) -> tuple[fl
 
 
 class _Optimizers:
-    """SparseAdam for sparse-gradient parameters, Adam for the others, Adam for arch parameters."""
+    """RowSparseAdam for sparse-gradient parameters, Adam for the others, Adam for arch parameters."""
 
     def __init__(self, model: CTRModel, cfg: TrainConfig) -> None:
         table = model.table
@@ -116,7 +119,7 @@ class _Optimizers:
                  if p.requires_grad and id(p) not in sparse_ids and id(p) not in arch]
         self.opts: list[torch.optim.Optimizer] = []
         if sparse:
-            self.opts.append(torch.optim.SparseAdam(sparse, lr=cfg.sparse_lr))
+            self.opts.append(RowSparseAdam(sparse, lr=cfg.sparse_lr))
         if dense:
             self.opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True))
         arch_params = [p for p in table.arch_parameters() if p.requires_grad]
@@ -173,6 +176,7 @@ class Trainer:
         """Run all stages, then evaluate on the test split."""
         reports, history = [], []
         train_samples, train_seconds = 0, 0.0
+        self.train_state_bytes = self.model.table.train_state_bytes()
         for stage in self.model.table.stages():
             rep, hist, samples, seconds = self._run_stage(stage)
             reports.append(rep)
@@ -184,7 +188,8 @@ class Trainer:
         return TrainResult(
             valid_auc=valid_auc, test_auc=test_auc, test_logloss=test_ll,
             train_samples_per_s=train_samples / train_seconds if train_seconds > 0 else float("nan"),
-            train_seconds=train_seconds, stages=reports, history=history,
+            train_seconds=train_seconds, train_state_bytes=self.train_state_bytes, stages=reports,
+            history=history,
         )
 
     def _run_stage(self, stage: Stage) -> tuple[StageReport, list[dict], int, float]:
@@ -195,6 +200,7 @@ class Trainer:
             model.load_state_dict(self.head_init, strict=False)
         if stage.before is not None:
             stage.before(ctx)
+        self.train_state_bytes = max(self.train_state_bytes, model.table.train_state_bytes())
         epochs = cfg.epochs if stage.epochs is None else stage.epochs
         n = len(self.data.train)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -241,7 +247,9 @@ class Trainer:
                         self.log(f"{stage.name} epoch {step / steps_per_epoch:.2f}: valid AUC {auc:.4f}")
                         if stage.early_stopping and auc > best_auc:
                             best_auc, bad_evals = auc, 0
-                            best_state = copy.deepcopy(model.state_dict())
+                            # at the stage's last step the model is the best state: no copy (a copy
+                            # of a Criteo-size table is 2 GB of training memory)
+                            best_state = None if step == total_steps else copy.deepcopy(model.state_dict())
                         elif stage.early_stopping:
                             bad_evals += 1
                             if bad_evals >= cfg.patience:
@@ -251,6 +259,7 @@ class Trainer:
                 model.load_state_dict(best_state)
         if stage.after is not None:
             stage.after(ctx)
+        self.train_state_bytes = max(self.train_state_bytes, model.table.train_state_bytes())
         seconds = time.perf_counter() - t0
         rep = StageReport(stage.name, seconds, samples / n if n else 0.0, samples,
                           None if best_auc == -math.inf else best_auc)

@@ -62,6 +62,11 @@ def test_run_records_resume_and_report(tmp_path, tiny_data):
         assert "embpress_version" in r["provenance"] and "git_sha" in r["provenance"]
         if c["method"] == "hash":
             assert m["serving_bytes"] <= m["full_bytes"] / c["ratio"]
+        # training memory beside serving memory: counted and measured
+        assert m["train_state_bytes"] >= m["serving_bytes"]
+        assert m["peak_rss_bytes"] > m["train_state_bytes"] and m["peak_rss_scope"] in ("trial", "process")
+    full = next(r["metrics"] for r in ok if r["config"]["method"] == "full")
+    assert full["train_state_bytes"] >= 3 * full["full_bytes"]  # weights and two Adam moments
     unreachable = [r for r in recs if r["status"] == "unreachable"]
     assert {(r["config"]["method"], r["config"]["ratio"]) for r in unreachable} == {("hash", 100_000.0)}
     assert "budget" in unreachable[0]["reason"]
@@ -78,6 +83,7 @@ def test_run_records_resume_and_report(tmp_path, tiny_data):
     ok_rows = [r for r in aggregate(read_records(tmp_path / "results.jsonl")) if r.status == "ok"]
     assert sorted((r.method, r.seeds) for r in ok_rows) == [("full", [0, 1]), ("hash", [0, 1]), ("noid", [0, 1])]
     assert text.count("\n## ") == 1  # one table: the seeds are averaged, nothing else differs
+    assert "| train state | peak RSS |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

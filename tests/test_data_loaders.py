@@ -341,7 +341,7 @@ def test_cache_hit_key_and_env(tmp_path, monkeypatch):
     assert Path(ds.info["cache"]).parent == tmp_path / "env-cache"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "meta"])
+@pytest.mark.parametrize("damage", ["truncate", "delete", "meta", "flip"])
 def test_damaged_cache_is_detected_and_rebuilt(tmp_path, damage):
     path = write_rows(tmp_path / "train.txt", [CRITEO_ROW] * 300)
     ds = load(f"criteo:{path}", tmp_path)
@@ -353,11 +353,18 @@ def test_damaged_cache_is_detected_and_rebuilt(tmp_path, damage):
         target.write_bytes(target.read_bytes()[:-100])
     elif damage == "delete":
         target.unlink()
+    elif damage == "flip":  # same size, one bit of one id changed: only the checksum sees it
+        data = bytearray(target.read_bytes())
+        data[-3] ^= 1
+        target.write_bytes(bytes(data))
     else:
         target.write_text("{not json")
-    with pytest.raises(CacheError):
+    with pytest.raises(CacheError, match=str(folder)):
         cache_mod.read_dataset(folder)
-    with pytest.warns(RuntimeWarning, match="rebuilding a damaged dataset cache"):
+    if damage == "flip":
+        with pytest.raises(CacheError, match="train.sparse.npy: damaged"):
+            cache_mod.read_dataset(folder)
+    with pytest.warns(RuntimeWarning, match=f"rebuilding a damaged dataset cache: {folder}"):
         rebuilt = load(f"criteo:{path}", tmp_path)
     np.testing.assert_array_equal(rebuilt.train.sparse, reference)
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [folder.name]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from embpress.bench import records as records_module
-from embpress.bench.ctr import TIMING_METRICS, BenchConfig, run_bench
+from embpress.bench.ctr import MEASURED_METRICS, BenchConfig, run_bench
 from embpress.bench.records import read_records
 from embpress.data import SyntheticConfig, make_synthetic
 
@@ -37,7 +37,7 @@ def comparable(recs: list[dict]) -> dict[str, tuple]:
     out = {}
     for r in recs:
         assert r["trial"] not in out, f"trial {r['trial']} recorded twice"
-        m = {k: v for k, v in r["metrics"].items() if k not in TIMING_METRICS}
+        m = {k: v for k, v in r["metrics"].items() if k not in MEASURED_METRICS}
         out[r["trial"]] = (r["config"], r["status"], r["reason"], m)
     return out
 

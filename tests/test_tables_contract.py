@@ -82,6 +82,31 @@ def test_bad_ids_raise(method, small_fields, ids, exc, msg):
         t(ids)
 
 
+SERVING_ONLY = ("pep", "deeplight", "autosrh", "optembed", "autodim", "dedup", "int8", "dpq", "mgqe")
+"""Methods that train a full-size table (or supernet) and compress it afterwards."""
+DURING_TRAINING = ("hash", "qr", "unified", "tt", "robe", "dhash", "mde", "dhe")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_state_counts_training_memory(method, small_fields):
+    t = _build(method, small_fields)
+    state = t.train_state_bytes()
+    assert state >= t.serving_bytes()
+    if method in SERVING_ONLY:
+        assert state >= t.full_bytes, "trains a full-size table: visible in its train state"
+    if method in DURING_TRAINING:
+        assert state <= 5 * t.serving_bytes(), "compresses during training too: weights, moments, a little more"
+
+
+def test_trainer_records_the_largest_train_state_over_stages(tiny_ctr):
+    torch.manual_seed(0)
+    table = build_table("optembed", fields=tiny_ctr.fields, dim=8, budget=Ratio(4))
+    model = build_model("dlrm", table=table, num_dense=tiny_ctr.num_dense, bottom=(16,), top=(16,))
+    start = table.train_state_bytes()
+    res = train(model, tiny_ctr, TrainConfig(epochs=1, batch_size=256, max_steps_per_epoch=2, progress=False))
+    assert res.train_state_bytes >= max(start, table.train_state_bytes()) > table.serving_bytes()
+
+
 @pytest.mark.parametrize("method", COMPRESSED)
 def test_impossible_budget_raises(method, small_fields):
     with pytest.raises(BudgetError):

@@ -38,8 +38,10 @@ DEFAULT_EPOCHS = {"synthetic": 1, "criteo": 1, "avazu": 1, "movielens": 30, "lib
 """Epochs per stage when the grid does not set them: large click logs are trained for one epoch as
 in the CTR literature; small sets train longer and early stopping on validation AUC decides."""
 
-TIMING_METRICS = ("train_samples_per_s", "train_seconds", "infer_lookups_per_s", "stage_seconds", "wall_seconds")
-"""Metrics that measure speed: they vary between runs of one trial (everything else must not)."""
+MEASURED_METRICS = ("train_samples_per_s", "train_seconds", "infer_lookups_per_s", "stage_seconds", "wall_seconds",
+                    "peak_rss_bytes", "peak_rss_scope")
+"""Metrics that measure the machine (speed, peak memory): they vary between runs of one trial; everything
+else must not."""
 
 
 @dataclass(frozen=True)
@@ -203,8 +205,41 @@ def measure_lookups_per_s(table: CompressedTable, ids: torch.Tensor, repeats: in
     return ids.numel() / best
 
 
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_rss() -> str:
+    """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs`` 5); returns the scope
+    :func:`peak_rss_bytes` then measures: ``"trial"`` after a reset, ``"process"`` where it failed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "trial"
+    except OSError:
+        return "process"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since the last :func:`reset_peak_rss` (``VmHWM``), or
+    over its life (``ru_maxrss``) where ``/proc`` is not available."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> tuple[str, dict[str, Any], str | None]:
-    """Build, train and measure one trial: ``(status, metrics, reason)``, status ok or unreachable."""
+    """Build, train and measure one trial: ``(status, metrics, reason)``, status ok or unreachable.
+
+    Memory is recorded twice: ``train_state_bytes`` (the table's tensors, optimizer moments and dense
+    gradients, counted; see :meth:`CompressedTable.train_state_bytes`) and ``peak_rss_bytes``, the
+    process's measured peak resident memory over the trial (data pages it touched included).
+    """
+    rss_scope = reset_peak_rss()
     metrics = _data_metrics(data)
     torch.manual_seed(trial.seed)
     spec = trial.method
@@ -227,6 +262,8 @@ def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> tuple[str, di
         "flops_per_lookup": flops() if callable(flops) else None,
         "stage_seconds": {s.name: s.seconds for s in result.stages},
         "table": repr(table.extra_repr()),
+        "train_state_bytes": result.train_state_bytes,
+        "peak_rss_bytes": peak_rss_bytes(), "peak_rss_scope": rss_scope,
     }, None
 
 

@@ -53,6 +53,8 @@ class Row:
     achieved: list[float] = field(default_factory=list)
     train_sps: list[float] = field(default_factory=list)
     infer_lps: list[float] = field(default_factory=list)
+    train_state: list[float] = field(default_factory=list)
+    peak_rss: list[float] = field(default_factory=list)
     flops: float | None = None
     stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     reason: str = ""
@@ -110,6 +112,8 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[Row]:
             row.achieved.append(m["achieved_ratio"])
             row.train_sps.append(m.get("train_samples_per_s"))
             row.infer_lps.append(m.get("infer_lookups_per_s"))
+            row.train_state.append(m.get("train_state_bytes", math.nan))
+            row.peak_rss.append(m.get("peak_rss_bytes", math.nan))
             row.flops = m.get("flops_per_lookup")
             row.full_bytes = m.get("full_bytes")
             for name, sec in (m.get("stage_seconds") or {}).items():
@@ -249,6 +253,11 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
         "dim, epochs, batch size, learning rates, threads) over its seeds, each seed counted once; "
         "tables differ in the settings named in their titles. ★ marks the rows on the Pareto front "
         "of test AUC against serving bytes.",
+        "Training memory is the study's second axis: `train state` counts what training holds for the "
+        "table (parameters, buffers such as supernets and masks, Adam's two moments per trainable "
+        "parameter, dense gradients), the largest over the stages; `peak RSS` is the measured peak "
+        "resident memory of the process over the trial (model head, data pages and allocator included). "
+        "A method with `train state` far above its `serving bytes` compresses at serving only.",
         "",
         *set_aside_note(dropped),
     ]
@@ -266,20 +275,22 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
         table = []
         for r in ordered:
             if r.status == "unreachable":
-                table.append([names[id(r)], f"{r.ratio:g}x", "cannot reach", *[""] * 8,
+                table.append([names[id(r)], f"{r.ratio:g}x", "cannot reach", *[""] * 9,
                               r.reason.splitlines()[0][:140] if r.reason else "", "", ""])
                 continue
             delta = r.auc - full.auc if full is not None and r is not full else math.nan
             stages = ", ".join(f"{k} {_mean(v):.1f}" for k, v in r.stages.items())
             table.append([
                 names[id(r)], "ref" if r.reference else f"{r.ratio:g}x", f"{_mean(r.achieved):.1f}x",
-                _fmt_bytes(_mean(r.serving)), _pm(r.auc, r.auc_std), _pm(_mean(r.loglosses), _std(r.loglosses)),
+                _fmt_bytes(_mean(r.serving)), _fmt_bytes(_mean(r.train_state)), _fmt_bytes(_mean(r.peak_rss)),
+                _pm(r.auc, r.auc_std), _pm(_mean(r.loglosses), _std(r.loglosses)),
                 "" if not math.isfinite(delta) else f"{delta:+.4f}", _rate(_mean(r.train_sps)),
                 _rate(_mean(r.infer_lps)), f"{r.flops / 1e6:.3f}" if r.flops else "-", stages, len(r.seeds),
                 "★" if id(r) in front else ""])
-        lines += md_table(["method", "target ratio", "achieved ratio", "serving bytes", "test AUC", "log loss",
+        lines += md_table(["method", "target ratio", "achieved ratio", "serving bytes", "train state", "peak RSS",
+                           "test AUC", "log loss",
                            "ΔAUC vs full", "train samples/s", "infer lookups/s", "MFLOP/lookup", "stage times (s)",
-                           "seeds", "Pareto"], "lrrrrrrrrrlrl", table)
+                           "seeds", "Pareto"], "lrrrrrrrrrrrlrl", table)
         lines.append("")
         rec = recommend(rs)
         if rec:

@@ -12,8 +12,11 @@ One processed dataset is one folder ``<cache_dir>/<name>-<key>`` holding::
 ``key`` is a sha256 over the sha256 of every source file's bytes and every option that changes
 the output (format, min_count, seed, split, processing version). A folder is built under a
 temporary name in the cache folder and renamed into place when complete, so an interrupted
-build leaves no folder under the final name. :func:`read_dataset` checks that every file exists
-with the size recorded in ``meta.json`` and raises :class:`CacheError` otherwise.
+build leaves no folder under the final name. Arrays are written through :class:`SplitWriter`
+(plain appends, no writable memory map), so a build's resident memory does not grow with the
+rows written. :func:`read_dataset` checks that every file exists with the size and the CRC-32
+recorded in ``meta.json`` (about 3 GB/s) and raises :class:`CacheError` naming the file otherwise;
+the loaders then rebuild the folder.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +38,14 @@ from embpress.atomic import atomic_open, atomic_write_text
 from embpress.data.schema import CTRDataset, Split
 from embpress.tables.base import Field
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 """Bump when the folder layout changes: it is part of the cache key."""
 
 _SPLITS = ("train", "valid", "test")
 _KINDS = {"dense": (np.float32, 2), "sparse": (np.int32, 2), "label": (np.float32, 1)}
 _META = "meta.json"
 _HASH_MEMO = "file-hashes.json"
+_CRC_BLOCK = 64 << 20
 
 
 class CacheError(ValueError):
@@ -161,27 +165,67 @@ def array_path(folder: Path, split: str, kind: str) -> Path:
     return Path(folder) / f"{split}.{kind}.npy"
 
 
-@dataclass(frozen=True)
-class SplitArrays:
-    """Writable memory-mapped arrays of one split, see the module docstring for shapes."""
+class _ArrayWriter:
+    """An ``.npy`` file of a known shape, filled by appending rows with plain writes."""
 
-    dense: np.ndarray
-    sparse: np.ndarray
-    label: np.ndarray
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), shape
+        self.fh = open(self.path, "wb")  # noqa: SIM115  (closed by close())
+        np.lib.format.write_array_header_1_0(
+            self.fh, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
+        self.data_offset = self.fh.tell()
+        self.rows = 0
 
-    def flush(self) -> None:
-        for a in (self.dense, self.sparse, self.label):
-            if isinstance(a, np.memmap):
-                a.flush()
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+            raise ValueError(f"{self.path}: cannot append rows of shape {rows.shape} at row {self.rows} "
+                             f"of an array of shape {self.shape}")
+        self.fh.write(rows.data)
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} expected")
 
 
-def open_split_arrays(folder: Path, split: str, rows: int, num_dense: int, num_fields: int) -> SplitArrays:
-    """Create the three ``.npy`` files of a split, memory-mapped for writing."""
-    shapes = {"dense": (rows, num_dense), "sparse": (rows, num_fields), "label": (rows,)}
-    arrays = {kind: np.lib.format.open_memmap(array_path(folder, split, kind), mode="w+",
-                                              dtype=_KINDS[kind][0], shape=shape)
-              for kind, shape in shapes.items()}
-    return SplitArrays(**arrays)
+class SplitWriter:
+    """The three ``.npy`` files of a split (shapes in the module docstring), written by appending
+    row blocks in order: memory stays at one block however many rows are written."""
+
+    def __init__(self, folder: Path, split: str, rows: int, num_dense: int, num_fields: int) -> None:
+        shapes = {"dense": (rows, num_dense), "sparse": (rows, num_fields), "label": (rows,)}
+        self.writers = {kind: _ArrayWriter(array_path(folder, split, kind), _KINDS[kind][0], shape)
+                        for kind, shape in shapes.items()}
+
+    def append(self, dense: np.ndarray, sparse: np.ndarray, label: np.ndarray) -> None:
+        for kind, rows in (("dense", dense), ("sparse", sparse), ("label", label)):
+            self.writers[kind].append(rows)
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+
+def map_ids_in_place(path: Path, maps: Sequence[np.ndarray], *, block_rows: int = 1 << 20) -> None:
+    """Replace every id ``x`` of column ``f`` of an ``int32[N, F]`` ``.npy`` file by ``maps[f][x]``,
+    block by block with plain reads and writes (no memory map)."""
+    with open(path, "r+b") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        if dtype != np.int32 or len(shape) != 2 or shape[1] != len(maps):
+            raise ValueError(f"{path}: expected int32[N, {len(maps)}], got {dtype}{shape}")
+        offset, width = fh.tell(), shape[1] * 4
+        for start in range(0, shape[0], block_rows):
+            k = min(block_rows, shape[0] - start)
+            fh.seek(offset + start * width)
+            block = np.frombuffer(fh.read(k * width), dtype=np.int32).reshape(k, shape[1]).copy()
+            for f, m in enumerate(maps):
+                block[:, f] = m[block[:, f]]
+            fh.seek(offset + start * width)
+            fh.write(block.data)
 
 
 def write_counts(folder: Path, counts: Sequence[np.ndarray]) -> None:
@@ -198,12 +242,23 @@ def write_vocab(folder: Path, values: Sequence[pa.Array]) -> None:
         writer.write_table(table)
 
 
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file's bytes, read in 64 MiB blocks."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(_CRC_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
 def write_meta(folder: Path, meta: dict) -> None:
-    """Write ``meta.json`` last, recording the size of every other file of the folder."""
+    """Write ``meta.json`` last, recording the size and CRC-32 of every other file of the folder."""
     folder = Path(folder)
-    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != _META}
+    files = [p for p in sorted(folder.iterdir()) if p.name != _META]
+    sizes = {p.name: p.stat().st_size for p in files}
+    crcs = {p.name: file_crc32(p) for p in files}
     atomic_write_text(folder / _META, json.dumps({"layout_version": LAYOUT_VERSION, **meta,
-                                                  "file_sizes": sizes}, indent=1))
+                                                  "file_sizes": sizes, "file_crc32": crcs}, indent=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,13 +278,14 @@ def read_dataset(folder: Path) -> CTRDataset:
     counts and metadata in memory.
 
     Raises:
-        CacheError: ``meta.json`` missing or unreadable, a file missing or of the wrong size,
-            an array of the wrong shape or dtype.
+        CacheError: ``meta.json`` missing or unreadable, a file missing, of the wrong size or
+            failing its CRC-32, an array of the wrong shape or dtype; the message names the file.
     """
     folder = Path(folder)
     try:
         meta = json.loads((folder / _META).read_text())
         sizes = meta["file_sizes"]
+        crcs = meta["file_crc32"]
         if meta["layout_version"] != LAYOUT_VERSION:
             raise CacheError(f"{folder}: layout version {meta['layout_version']}, expected {LAYOUT_VERSION}")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -240,7 +296,9 @@ def read_dataset(folder: Path) -> CTRDataset:
         if not path.is_file():
             raise CacheError(f"{folder}: missing {name}")
         if name not in sizes or path.stat().st_size != sizes[name]:
-            raise CacheError(f"{folder}: {name} has {path.stat().st_size} bytes, {_META} says {sizes.get(name)}")
+            raise CacheError(f"{path}: {path.stat().st_size} bytes, {_META} says {sizes.get(name)}")
+        if file_crc32(path) != crcs.get(name):
+            raise CacheError(f"{path}: damaged (its CRC-32 differs from the one {_META} recorded)")
     try:
         fields_meta, dense_names = meta["fields"], tuple(meta["dense_names"])
         counts = np.load(folder / "counts.npy")

@@ -16,7 +16,7 @@ Prediction", CIKM 2021, https://arxiv.org/abs/2009.05794, and reczoo/FuxiCTR):
 
 Large files are streamed in chunks of ``chunk_rows`` rows with bounded memory: pass 0 counts the
 rows (a byte scan), pass 1 counts training values per field, pass 2 maps values to ids and writes
-memory-mapped ``.npy`` arrays. Every step is row-wise, counts are exact sums and the id order is a
+``.npy`` arrays by appending blocks (no writable memory map). Every step is row-wise, counts are exact sums and the id order is a
 total order, so the output does not depend on ``chunk_rows``.
 
 A format plugs in as a :class:`Source` that yields :class:`RawChunk` objects and raises
@@ -531,7 +531,7 @@ def preprocess(source: Source, folder: Path, *, min_count: int | None, seed: int
     vocabs = [c.vocabulary(threshold) for c in counters]
     del counters
 
-    outs = [cache.open_split_arrays(folder, split, rows, len(dense_names), len(names))
+    outs = [cache.SplitWriter(folder, split, rows, len(dense_names), len(names))
             for split, rows in zip(SPLITS, sizes, strict=True)]
     cursors = [0, 0, 0]
     start = 0
@@ -545,18 +545,15 @@ def preprocess(source: Source, folder: Path, *, min_count: int | None, seed: int
             chunk_codes = codes[start:start + k]
             for s, out in enumerate(outs):
                 rows = np.flatnonzero(chunk_codes == s)
-                lo, hi = cursors[s], cursors[s] + len(rows)
-                out.dense[lo:hi] = dense[rows]
-                out.sparse[lo:hi] = ids[rows]
-                out.label[lo:hi] = chunk.label[rows]
-                cursors[s] = hi
+                out.append(dense[rows], ids[rows], chunk.label[rows])
+                cursors[s] += len(rows)
             start += k
             advance(k)
     if start != n or cursors != list(sizes):
         raise ValueError(f"{source.format}: the second pass read {start} rows, the first {n}; did a file "
                          f"change? {[str(f) for f in source.files]}")
     for out in outs:
-        out.flush()
+        out.close()
     del outs
 
     cache.write_counts(folder, [v.counts for v in vocabs])

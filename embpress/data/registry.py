@@ -3,7 +3,8 @@
 Specs: ``synthetic[:key=value,...]``, ``criteo:PATH[,PATH...]``, ``avazu:PATH[,PATH...]``,
 ``movielens:FOLDER`` (or ``movielens:100k`` / ``movielens:1m`` to download), and
 ``libfm:PATH[,PATH...]``. File formats are processed once (see :mod:`embpress.data.preprocess`)
-and cached (see :mod:`embpress.data.cache`); the synthetic set is generated in memory.
+and cached (see :mod:`embpress.data.cache`); the synthetic set is generated in memory, except its
+production-size presets (``synthetic:preset=criteo,rows=45000000``), streamed into the cache.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from embpress.data import cache
@@ -21,7 +23,7 @@ from embpress.data.libfm import LibFMSource
 from embpress.data.movielens import MOVIELENS_DOWNLOADS, MovieLensSource
 from embpress.data.preprocess import PREPROCESS_VERSION, Source, preprocess, progress_task
 from embpress.data.schema import CTRDataset
-from embpress.data.synthetic import SyntheticConfig, make_synthetic
+from embpress.data.synthetic import SYNTHETIC_VERSION, SyntheticConfig, make_synthetic, write_synthetic
 
 FORMATS: dict[str, type[Source]] = {
     "criteo": CriteoSource,
@@ -45,7 +47,7 @@ def _synthetic_config(options: str, seed: int) -> SyntheticConfig:
         key = key.strip()
         if not sep or key not in types:
             raise ValueError(f"synthetic option {item!r}: expected key=value with key in {sorted(types)}")
-        kind = {"int": int, "float": float}[str(types[key])]
+        kind = {"int": int, "float": float, "float | None": float, "str": str}[str(types[key])]
         try:
             values[key] = kind(raw.strip())
         except ValueError:
@@ -122,14 +124,19 @@ def load_dataset(spec: str, *, cache_dir: str | Path | None = None, min_count: i
         raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}; formats: {dataset_formats()}")
     spec = spec.strip()
     prefix, _, arg = spec.partition(":")
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else cache.default_cache_dir()
     if prefix == "synthetic":
         if min_count is not None:
             raise ValueError("min_count does not apply to 'synthetic' (its ids are generated, not counted)")
-        ds = make_synthetic(_synthetic_config(arg, seed))
-        ds.info["spec"] = spec
-        return ds
+        cfg = _synthetic_config(arg, seed)
+        if not cfg.preset:
+            ds = make_synthetic(cfg)
+            ds.info["spec"] = spec
+            return ds
+        key = cache.cache_key({"format": "synthetic", "generator": SYNTHETIC_VERSION, "config": cfg.__dict__})
+        return _cached(cache_dir / f"synthetic-{cfg.preset}-{key[:16]}",
+                       lambda tmp: {**_write_preset(cfg, tmp, progress), "spec": spec})
 
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else cache.default_cache_dir()
     source = source_from_spec(spec, cache_dir=cache_dir, progress=progress)
     digests = []
     for path in source.files:
@@ -139,16 +146,30 @@ def load_dataset(spec: str, *, cache_dir: str | Path | None = None, min_count: i
                            "min_count": min_count, "seed": seed, "split": list(source.split_ratios)})
     name = re.sub(r"[^A-Za-z0-9._-]", "_", source.dataset_name())
     folder = cache_dir / f"{name}-{key[:16]}"
-    if folder.is_dir():
-        try:
-            return cache.read_dataset(folder)
-        except cache.CacheError as e:
-            warnings.warn(f"rebuilding a damaged dataset cache: {e}", RuntimeWarning, stacklevel=2)
-            cache.discard(folder)
-    with cache.atomic_build(folder) as tmp:
+
+    def build(tmp: Path) -> dict:
         meta = preprocess(source, tmp, min_count=min_count, seed=seed, chunk_rows=chunk_rows, progress=progress)
         meta["spec"] = spec
         meta["sources"] = [{"path": os.fspath(p), "sha256": d, "bytes": p.stat().st_size}
                            for p, d in zip(source.files, digests, strict=True)]
-        cache.write_meta(tmp, meta)
+        return meta
+
+    return _cached(folder, build)
+
+
+def _cached(folder: Path, build: Callable[[Path], dict]) -> CTRDataset:
+    """Read the cached dataset ``folder``; build it (atomically) when absent or damaged."""
+    if folder.is_dir():
+        try:
+            return cache.read_dataset(folder)
+        except cache.CacheError as e:
+            warnings.warn(f"rebuilding a damaged dataset cache: {e}", RuntimeWarning, stacklevel=3)
+            cache.discard(folder)
+    with cache.atomic_build(folder) as tmp:
+        cache.write_meta(tmp, build(tmp))
     return cache.read_dataset(folder)
+
+
+def _write_preset(cfg: SyntheticConfig, folder: Path, progress: bool) -> dict:
+    with progress_task(f"generating synthetic preset {cfg.preset}", cfg.rows, enabled=progress) as advance:
+        return write_synthetic(cfg, folder, progress=advance)

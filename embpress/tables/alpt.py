@@ -221,6 +221,9 @@ class ALPTTable(CompressedTable):
         unsigned = self.codes.long().numpy() + self.q_n
         return {"codes": pack_codes(unsigned, self.bits_), "step": to_numpy(self.step_sizes())}
 
+    def serving_spec(self) -> dict[str, int]:
+        return {"bits": self.bits_}
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.log_step.weight]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -318,6 +319,50 @@ class CompressedTable(nn.Module):
 
     def serving_state(self) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def serving_spec(self) -> dict[str, Any]:
+        """The settings a served lookup needs beyond the arrays of :meth:`serving_state` (JSON-able)."""
+        return {}
+
+    def save_serving(self, path: str | os.PathLike) -> None:
+        """Write exactly the :meth:`serving_state` arrays (safetensors) and a JSON header to ``path``,
+        atomically; :func:`embpress.serving.load` serves lookups from it alone."""
+        from embpress import serving
+
+        serving.save(self, path)
+
+    def train_state_bytes(self) -> int:
+        """Bytes training holds for this table now, counted from its tensors: every parameter,
+        buffer and tensor attribute of its modules (supernets, masks, caches, codes), plus what the
+        trainer adds per trainable parameter: Adam's two moments (Adam and SparseAdam keep them
+        dense, at the parameter's size) and, for parameters without sparse gradients, the dense
+        gradient. Sparse gradients (a batch's rows) are not counted. The trainer records the
+        largest value over the stages (``TrainResult.train_state_bytes``).
+
+        >>> t = build_table("hash", fields=[Field("a", 1000)], dim=4, budget=Ratio(10))
+        >>> t.serving_bytes(), t.train_state_bytes()   # 98 rows x 16 B x (weight + 2 moments) + 49 B of buffers
+        (1592, 4753)
+        """
+        seen: dict[int, int] = {}
+
+        def add(t: torch.Tensor) -> None:
+            if t.device.type != "meta" and t.numel():
+                key = t.untyped_storage().data_ptr()
+                seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+
+        for module in self.modules():
+            for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                add(t)
+            for v in vars(module).values():
+                if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+                    add(v)
+        total = sum(seen.values())
+        sparse = {id(p) for p in self.sparse_parameters()}
+        for p in self.parameters():
+            if p.requires_grad:
+                nbytes = p.numel() * p.element_size()
+                total += 2 * nbytes + (0 if id(p) in sparse else nbytes)
+        return int(total)
 
     def regularizer(self) -> torch.Tensor | None:
         """An extra loss term added by the trainer at every step (None: nothing)."""

@@ -220,6 +220,9 @@ class DedupTable(CompressedTable):
         x = to_numpy(self.weight.weight).reshape(self.num_blocks, -1)
         return {"blocks": np.ascontiguousarray(x[kept].reshape(-1, self.dim)), "remap": remap}
 
+    def serving_spec(self) -> dict[str, int]:
+        return {"block_rows": int(self.block_rows_)}
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, block_rows={self.block_rows_}, blocks={self.num_blocks}, "
                 f"unique={self.unique_blocks}, deduplicated={self.deduplicated}")

@@ -134,15 +134,7 @@ class DeepHashEmbedding(CompressedTable):
         return self._encode_global(self.global_ids(ids))
 
     def _encode_global(self, gid: torch.Tensor) -> torch.Tensor:
-        h = universal_hash(gid.unsqueeze(-1), self.hash_a, self.hash_b, self.num_buckets)
-        u = h.double() / (self.num_buckets - 1)                                   # [0, 1]
-        if self.distribution == "uniform":
-            return (2 * u - 1).float()
-        u1, u2 = u[..., 0::2], u[..., 1::2]                                        # Box-Muller pairs
-        radius = torch.sqrt(-2 * torch.log(u1.clamp(min=_TINY)))
-        angle = 2 * math.pi * u2
-        z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1).flatten(-2)
-        return z[..., : u.shape[-1]].float()
+        return dhe_encode(gid, self.hash_a, self.hash_b, self.num_buckets, self.distribution)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         # In training the encoding and the first Linear act on each id alone, so they run once per
@@ -198,6 +190,24 @@ class DeepHashEmbedding(CompressedTable):
             state[f"bias{i}"] = to_numpy(b)
         return state
 
+    def serving_spec(self) -> dict[str, int | str]:
+        return {"num_buckets": self.num_buckets, "distribution": self.distribution}
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_hash={self.num_inputs}, hidden={self.hidden}, layers={self.layers}, "
                 f"distribution={self.distribution!r}")
+
+
+def dhe_encode(gid: torch.Tensor, hash_a: torch.Tensor, hash_b: torch.Tensor, num_buckets: int,
+               distribution: str) -> torch.Tensor:
+    """Global ids ``[...]`` -> dense hash encodings ``[..., k]`` (float32), uniform in [-1, 1] or
+    Gaussian by Box-Muller over pairs of hashes (arXiv:2010.10784, Sec. 3.2)."""
+    h = universal_hash(gid.unsqueeze(-1), hash_a, hash_b, num_buckets)
+    u = h.double() / (num_buckets - 1)                                        # [0, 1]
+    if distribution == "uniform":
+        return (2 * u - 1).float()
+    u1, u2 = u[..., 0::2], u[..., 1::2]                                        # Box-Muller pairs
+    radius = torch.sqrt(-2 * torch.log(u1.clamp(min=_TINY)))
+    angle = 2 * math.pi * u2
+    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=-1).flatten(-2)
+    return z[..., : u.shape[-1]].float()

@@ -373,6 +373,11 @@ class MGQETable(CompressedTable):
             state[f"{f.name}/rows"] = to_numpy(self.rows.weight[off:off + f.num_embeddings])
         return state
 
+    def serving_spec(self) -> dict:
+        return {"high_bits": code_bits(self.high_choices_), "low_bits": code_bits(self.low_choices_),
+                "parts": self.parts_,
+                "num_high": {self.fields[i].name: int(self._high_masks[i].sum()) for i in self._q_fields}}
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, parts={self.parts_}, choices=({self.high_choices_}, {self.low_choices_}), "
                 f"quantized={len(self._q_fields)}/{self.num_fields} fields")

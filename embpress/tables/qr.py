@@ -371,6 +371,9 @@ class QRTable(CompressedTable):
             state["moduli"] = np.asarray(self.moduli, dtype=np.int64)
         return state
 
+    def serving_spec(self) -> dict[str, str]:
+        return {"operation": self.operation}
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         tables = [self.weight_r, self.weight_q, self.weight_full, *self.weight_multi.values()]
         return [e.weight for e in tables if e is not None]

@@ -219,6 +219,25 @@ class PostTrainingQuantized(CompressedTable):
             state[f"{name}.offset"] = offset
         return state
 
+    def serving_spec(self) -> dict[str, Any]:
+        """The inner method and its spec, and which quantized parameter (and shape) each of the
+        inner table's float serving arrays is: a served lookup dequantizes the codes into them."""
+        params = dict(_float_parameters(self.inner))
+        free = list(params)
+        param_of = {}
+        for key, arr in self.inner.serving_state().items():
+            if not _is_float(arr):
+                continue
+            flat = np.asarray(arr).reshape(-1)
+            match = next((n for n in free if params[n].numel() == flat.size
+                          and np.array_equal(params[n].detach().numpy().reshape(-1), flat)), None)
+            if match is None:
+                raise ValueError(f"{self.method}: serving array {key!r} is not one of the float parameters")
+            free.remove(match)
+            param_of[key] = [match, list(np.asarray(arr).shape)]
+        return {"inner": self.inner_method, "inner_spec": self.inner.serving_spec(), "suffix": self.suffix,
+                "param_of": param_of}
+
     @torch.no_grad()
     def quantize(self) -> None:
         """Quantize every float parameter of the inner table row-wise, load the dequantized

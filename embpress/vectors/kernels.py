@@ -135,19 +135,22 @@ def lut_search(luts, idx, extra, offsets, ids, probes, bias, mask, k):
                 s2 = b
                 s3 = b
                 for j in range(m):
-                    t = lut[j]
-                    s0 += t[idx[row, j]]
-                    s1 += t[idx[row + 1, j]]
-                    s2 += t[idx[row + 2, j]]
-                    s3 += t[idx[row + 3, j]]
+                    s0 += luts[j, qi, idx[row, j]]
+                    s1 += luts[j, qi, idx[row + 1, j]]
+                    s2 += luts[j, qi, idx[row + 2, j]]
+                    s3 += luts[j, qi, idx[row + 3, j]]
+                worst = hd[0]
                 for u in range(4):
                     r = row + u
                     s = s0 if u == 0 else s1 if u == 1 else s2 if u == 2 else s3
                     if has_extra:
                         s += extra[r]
+                    if s > worst:  # most codes stop here, before their id and mask are read
+                        continue
                     ident = ids[r] if has_ids else r
                     if _allowed(mask, qi, ident):
                         _push(hd, hi, s, ident)
+                        worst = hd[0]
                 row += 4
             while row < hi_row:
                 ident = ids[row] if has_ids else row

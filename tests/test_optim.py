@@ -1,0 +1,52 @@
+"""RowSparseAdam: torch's SparseAdam update, computed on the touched rows only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embpress.optim import RowSparseAdam
+
+
+@pytest.mark.parametrize("dim", [1, 4, 16])
+def test_matches_torch_sparse_adam(dim):
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Embedding(500, dim, sparse=True), torch.nn.Embedding(500, dim, sparse=True)
+    ref.load_state_dict(ours.state_dict())
+    opt, ref_opt = RowSparseAdam(ours.parameters(), lr=0.01), torch.optim.SparseAdam(ref.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        ids = torch.randint(0, 60, (256,), generator=gen) * torch.randint(1, 9, (256,), generator=gen)  # < 480, repeats
+        target = torch.randn(256, dim, generator=gen)
+        for emb, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            (emb(ids) - target).square().sum().backward()
+            o.step()
+    # the same arithmetic; only the order in which a batch's duplicate rows are summed may differ
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-6, atol=1e-7)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt.state[ours.weight][key], ref_opt.state[ref.weight][key], rtol=1e-4, atol=1e-6)
+    untouched = torch.ones(500, dtype=torch.bool)
+    untouched[:480] = False
+    assert (opt.state[ours.weight]["exp_avg"][untouched] == 0).all()
+
+
+def test_rejects_dense_gradients_and_bad_settings():
+    w = torch.nn.Parameter(torch.zeros(3, 2))
+    w.grad = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="sparse gradients"):
+        RowSparseAdam([w]).step()
+    with pytest.raises(ValueError, match="lr > 0"):
+        RowSparseAdam([w], lr=0)
+
+
+def test_counting_and_sorting_find_the_same_rows(monkeypatch):
+    from embpress import optim
+
+    index = torch.tensor([7, 3, 3, 0, 9, 7, 7])
+    counted = optim._unique_rows(index, 10)
+    monkeypatch.setattr(optim, "COUNT_FACTOR", 0)
+    sorted_ = optim._unique_rows(index, 10)
+    for a, b in zip(counted, sorted_, strict=True):
+        assert torch.equal(a, b)
+    assert counted[0].tolist() == [0, 3, 7, 9] and counted[1].tolist() == [2, 1, 1, 0, 3, 2, 2]
