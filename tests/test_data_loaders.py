@@ -450,3 +450,26 @@ def test_download_movielens_verifies_checksum_and_extracts_atomically(tmp_path, 
     with pytest.raises(ValueError, match=r"variant '10m' not in \['100k', '1m'\]"):
         movielens_mod.download_movielens("10m", dest)
     assert os.listdir(dest) == ["ml-100k"]
+
+
+def test_cache_byte_flip_drill_detects_every_flip(tmp_path):
+    """One random byte of one file of a cached dataset changed, 60 times over every file: always a CacheError."""
+    path = write_rows(tmp_path / "train.txt", [CRITEO_ROW] * 300)
+    folder = Path(load(f"criteo:{path}", tmp_path).info["cache"])
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    assert {"meta.json", "meta.json.crc32", "vocab.arrow"} <= {p.name for p in files}
+    intact = {p: p.read_bytes() for p in files}
+    rng = np.random.default_rng(0)
+    detected = 0
+    for trial in range(60):
+        target = files[trial % len(files)]
+        data = bytearray(intact[target])
+        data[int(rng.integers(len(data)))] ^= int(rng.integers(1, 256))
+        target.write_bytes(bytes(data))
+        try:
+            cache_mod.read_dataset(folder)
+        except CacheError:
+            detected += 1
+        target.write_bytes(intact[target])
+    assert detected == 60
+    cache_mod.read_dataset(folder)  # intact again

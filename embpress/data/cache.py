@@ -44,6 +44,7 @@ LAYOUT_VERSION = 2
 _SPLITS = ("train", "valid", "test")
 _KINDS = {"dense": (np.float32, 2), "sparse": (np.int32, 2), "label": (np.float32, 1)}
 _META = "meta.json"
+_META_CRC = "meta.json.crc32"  # CRC-32 of meta.json's bytes: a damaged meta.json is caught too
 _HASH_MEMO = "file-hashes.json"
 _CRC_BLOCK = 64 << 20
 
@@ -254,11 +255,12 @@ def file_crc32(path: Path) -> int:
 def write_meta(folder: Path, meta: dict) -> None:
     """Write ``meta.json`` last, recording the size and CRC-32 of every other file of the folder."""
     folder = Path(folder)
-    files = [p for p in sorted(folder.iterdir()) if p.name != _META]
+    files = [p for p in sorted(folder.iterdir()) if p.name not in (_META, _META_CRC)]
     sizes = {p.name: p.stat().st_size for p in files}
     crcs = {p.name: file_crc32(p) for p in files}
-    atomic_write_text(folder / _META, json.dumps({"layout_version": LAYOUT_VERSION, **meta,
-                                                  "file_sizes": sizes, "file_crc32": crcs}, indent=1))
+    text = json.dumps({"layout_version": LAYOUT_VERSION, **meta, "file_sizes": sizes, "file_crc32": crcs}, indent=1)
+    atomic_write_text(folder / _META, text)
+    atomic_write_text(folder / _META_CRC, f"{zlib.crc32(text.encode()):08x}\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,11 +285,16 @@ def read_dataset(folder: Path) -> CTRDataset:
     """
     folder = Path(folder)
     try:
-        meta = json.loads((folder / _META).read_text())
+        raw = (folder / _META).read_bytes()
+        if (folder / _META_CRC).read_text().strip() != f"{zlib.crc32(raw):08x}":
+            raise CacheError(f"{folder / _META}: damaged (its CRC-32 differs from {_META_CRC})")
+        meta = json.loads(raw)
         sizes = meta["file_sizes"]
         crcs = meta["file_crc32"]
         if meta["layout_version"] != LAYOUT_VERSION:
             raise CacheError(f"{folder}: layout version {meta['layout_version']}, expected {LAYOUT_VERSION}")
+    except CacheError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CacheError(f"{folder}: unreadable {_META} ({e})") from None
     expected = {array_path(folder, s, k).name for s in _SPLITS for k in _KINDS} | {"counts.npy", "vocab.arrow"}
