@@ -81,7 +81,7 @@ class _SignCodec(Codec):
         v = self._project(q)
         if self.asymmetric:
             scale = np.float32(2 if metric is Metric.L2 else 1)
-            dist, found = lut_queries(lambda vv: np.ascontiguousarray((-scale * pm1_lut(vv)).transpose(1, 0, 2)), v, codes, k, offsets, ids, probes, bias,
+            dist, found = lut_queries(lambda vv: -scale * pm1_lut(vv), v, codes, k, offsets, ids, probes, bias,
                                       mask, rows=self._query_rows)
             if metric is Metric.L2:  # |v|^2 - 2 <v, b> + B
                 dist = np.maximum(dist + ((v * v).sum(1)[:, None] + np.float32(nbits)), 0)

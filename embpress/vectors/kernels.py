@@ -102,24 +102,25 @@ def _allowed(mask, qi, ident):
 
 @njit(cache=True, parallel=True)
 def lut_search(luts, idx, extra, offsets, ids, probes, bias, mask, k):
-    """Lookup-table (ADC) scan: ``d = bias[q, p] + sum_m luts[m, q, idx[row, m]] + extra[row]``.
+    """Lookup-table (ADC) scan: ``d = bias[q, p] + sum_m luts[q, m, idx[row, m]] + extra[row]``.
 
     Args:
-        luts: (M, nq, K) float32 (sub-space first: the layout one batched matmul gives). idx: (N, M) uint8 or uint16 sub-codes.
+        luts: (nq, M, K) float32, each query's tables contiguous (a query's M tables at a stride of
+            nq * K floats would alias in the cache). idx: (N, M) uint8 or uint16 sub-codes.
         extra: (N,) float32 per-row term, or empty. bias: (nq, P) float32, or (0, 0).
         offsets: (L+1,) int64. ids: (N,) int64 or empty. probes: (nq, P) int64. mask: see module.
 
     Returns:
         (nq, k) float32 distances and int64 ids, ascending.
     """
-    m, nq = luts.shape[0], luts.shape[1]
+    nq, m = luts.shape[0], luts.shape[1]
     out_d = np.empty((nq, k), dtype=np.float32)
     out_i = np.empty((nq, k), dtype=np.int64)
     has_ids, has_extra, has_bias = ids.shape[0] > 0, extra.shape[0] > 0, bias.shape[0] > 0
     for qi in prange(nq):
         hd = np.full(k, np.inf, dtype=np.float32)
         hi = np.full(k, _NO_ID, dtype=np.int64)
-        lut = luts[:, qi, :]
+        lut = luts[qi]
         for p in range(probes.shape[1]):
             lst = probes[qi, p]
             if lst < 0:
@@ -135,10 +136,10 @@ def lut_search(luts, idx, extra, offsets, ids, probes, bias, mask, k):
                 s2 = b
                 s3 = b
                 for j in range(m):
-                    s0 += luts[j, qi, idx[row, j]]
-                    s1 += luts[j, qi, idx[row + 1, j]]
-                    s2 += luts[j, qi, idx[row + 2, j]]
-                    s3 += luts[j, qi, idx[row + 3, j]]
+                    s0 += lut[j, idx[row, j]]
+                    s1 += lut[j, idx[row + 1, j]]
+                    s2 += lut[j, idx[row + 2, j]]
+                    s3 += lut[j, idx[row + 3, j]]
                 worst = hd[0]
                 for u in range(4):
                     r = row + u
@@ -315,7 +316,7 @@ def rerank_exact(q, vectors, cand, k, l2):
 
 def lut_queries(make_luts, q, idx, k, offsets, ids, probes, bias, mask, *, rows: int,
                 extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Run :func:`lut_search` over query chunks of ``rows``; ``make_luts(q)`` gives (M, nq, K) tables."""
+    """Run :func:`lut_search` over query chunks of ``rows``; ``make_luts(q)`` gives (nq, M, K) tables."""
     nq = q.shape[0]
     out_d = np.empty((nq, k), np.float32)
     out_i = np.empty((nq, k), np.int64)
@@ -323,7 +324,7 @@ def lut_queries(make_luts, q, idx, k, offsets, ids, probes, bias, mask, *, rows:
     for s in range(0, nq, rows):
         e = min(nq, s + rows)
         out_d[s:e], out_i[s:e] = lut_search(
-            make_luts(q[s:e]), idx, extra, offsets, ids, probes[s:e], bias[s:e] if bias.size else bias,
+            np.ascontiguousarray(make_luts(q[s:e])), idx, extra, offsets, ids, probes[s:e], bias[s:e] if bias.size else bias,
             mask[s:e] if mask.shape[0] > 1 else mask, k)
     return out_d, out_i
 

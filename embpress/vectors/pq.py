@@ -125,25 +125,27 @@ class ProductQuantizer(Codec):
         return self._unrotate(parts.reshape(codes.shape[0], -1))
 
     def _luts(self, q: np.ndarray, metric: Metric) -> np.ndarray:
-        """(M, nq, K) float32 lookup tables: distance of each query sub-vector to each centroid.
+        """(nq, M, K) float32 lookup tables: distance of each query sub-vector to each centroid.
 
-        One batched matrix product per sub-space (BLAS), laid out sub-space first as the scan
-        kernels read it.
+        One batched matrix product per sub-space (BLAS) written straight into the query-first
+        layout the scans read (each query's tables contiguous).
         """
-        qr = self._rotate(q).reshape(q.shape[0], self.m, -1).transpose(1, 0, 2)  # (M, nq, dsub)
+        nq = q.shape[0]
+        qr = self._rotate(q).reshape(nq, self.m, -1).transpose(1, 0, 2)  # (M, nq, dsub)
         cent_t = self.__dict__.get("_cent_t")
         if cent_t is None or cent_t.shape[0] != self.m:
             cent_t = self._cent_t = np.ascontiguousarray(self.centroids_.transpose(0, 2, 1))  # (M, dsub, K)
-        ip = np.matmul(qr, cent_t)  # (M, nq, K)
+        out = np.empty((nq, self.m, cent_t.shape[2]), dtype=np.float32)
+        np.matmul(qr, cent_t, out=out.transpose(1, 0, 2))  # <q_m, c_mk>
         if metric is Metric.L2:
-            ip *= np.float32(-2)
-            ip += (qr * qr).sum(-1)[:, :, None]
-            ip += (self.centroids_**2).sum(-1)[:, None, :]
-            return ip
-        return np.negative(ip, out=ip)
+            out *= np.float32(-2)
+            out += (qr * qr).sum(-1).T[:, :, None]
+            out += (self.centroids_**2).sum(-1)[None, :, :]
+            return out
+        return np.negative(out, out=out)
 
     def _distances(self, q: np.ndarray, codes: np.ndarray, metric: Metric) -> np.ndarray:
-        return lut_scan(self._luts(q, metric).transpose(1, 0, 2), self._indices(codes))
+        return lut_scan(self._luts(q, metric), self._indices(codes))
 
     def _search_lists(self, q, codes, k, metric, offsets, ids, probes, bias, mask):
         idx = codes if self.nbits == 8 else self._indices(codes).astype(np.uint16)

@@ -126,7 +126,8 @@ class ResidualQuantizer(Codec):
         scale = np.float32(2 if metric is Metric.L2 else 1)
 
         def luts(qq: np.ndarray) -> np.ndarray:
-            return (-scale * np.einsum("qd,mkd->mqk", qq, self.codebooks_)).astype(np.float32)
+            flat = self.codebooks_.reshape(-1, self.codebooks_.shape[2])  # (M*K, D): one matrix product
+            return (np.float32(-scale) * (qq @ flat.T)).reshape(qq.shape[0], self.m, -1)
 
         extra = self._norms(codes) if metric is Metric.L2 else None
         dist, found = lut_queries(luts, q, idx, k, offsets, ids, probes, bias, mask, rows=self._query_rows,
