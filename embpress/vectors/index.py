@@ -379,19 +379,31 @@ class Index:
         t0 = time.perf_counter()
         blocks = range(0, n, self.block_size)
         total = 2 * n if self.nlist_ and not self.ntotal else n  # an empty IVF index reads the file twice
-        with progress_task(f"encode {Path(path).name}", total, enabled=progress) as advance:
-            if self.ntotal == 0 and not self._pending:
-                self._stream_into_place(reader, blocks, advance)
-            else:
-                for s in blocks:
-                    e = min(n, s + self.block_size)
-                    x = self._prepare(reader.read(s, e), f"{path} rows {s}:{e}")
-                    lists = self._assign(x) if self.nlist_ else None
-                    self._pending.append((self._encode(x, lists), lists, self.ntotal))
-                    self._append_originals(x)
-                    del x
-                    self.ntotal += e - s
-                    advance(e - s)
+        before = (self.ntotal, len(self._pending), self._codes, self._ids, self._offsets)
+        try:
+            with progress_task(f"encode {Path(path).name}", total, enabled=progress) as advance:
+                if self.ntotal == 0 and not self._pending:
+                    self._stream_into_place(reader, blocks, advance)
+                else:
+                    for s in blocks:
+                        e = min(n, s + self.block_size)
+                        x = self._prepare(reader.read(s, e), f"{path} rows {s}:{e}")
+                        lists = self._assign(x) if self.nlist_ else None
+                        self._pending.append((self._encode(x, lists), lists, self.ntotal))
+                        self._append_originals(x)
+                        del x
+                        self.ntotal += e - s
+                        advance(e - s)
+        except BaseException:
+            # a bad block (NaN, a file changed while read) or an interrupt: the index is as it was
+            ntotal, pending, self._codes, self._ids, self._offsets = before
+            del self._pending[pending:]
+            if self.rerank_path is not None and self.ntotal != ntotal:
+                with open(self.rerank_path, "r+b") as fh:
+                    fh.truncate(ntotal * self.d * 4)
+                self._originals = None
+            self.ntotal = ntotal
+            raise
         if attrs is not None:
             self._attrs = attrs if self._attrs is None else np.concatenate([self._attrs, attrs])
         secs = time.perf_counter() - t0
@@ -515,6 +527,10 @@ class Index:
         Two open indexes can never append to, truncate or re-rank from one file; a second claim
         fails here instead of corrupting the first index's distances.
         """
+        if self.__dict__.get("_claimed") == path.resolve() and "_claim_close" in self.__dict__:
+            if truncate:  # already ours (e.g. a first add again after a rolled-back one)
+                os.truncate(path, 0)
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -527,8 +543,10 @@ class Index:
             os.ftruncate(fd, 0)
         self._release_claim()
         self._claim_close = weakref.finalize(self, os.close, fd)
+        self._claimed = path.resolve()
 
     def _release_claim(self) -> None:
+        self.__dict__.pop("_claimed", None)
         closer = self.__dict__.pop("_claim_close", None)
         if closer is not None:
             closer()

@@ -371,3 +371,21 @@ def test_index_folder_byte_flips_are_all_detected(data, tmp_path):
         f.write_bytes(originals[f])
     assert detected == 60
     Index.load(tmp_path / "i")  # intact again
+
+
+@pytest.mark.parametrize("spec", ["sq8", "ivf8,pq8"])
+def test_add_file_with_a_bad_block_leaves_the_index_as_it_was(data, tmp_path, spec):
+    x, q = data
+    bad = x.copy()
+    bad[2500, 3] = np.nan  # in the last of three 1,000-row blocks
+    np.save(tmp_path / "bad.npy", bad)
+    idx = Index(spec, nprobe=8, block_size=1000, rerank_path=tmp_path / "o.f32").fit(x)
+    with pytest.raises(ValueError, match=r"bad.npy rows 2000:3000 contains NaN"):
+        idx.add_file(tmp_path / "bad.npy")  # streamed into place: empty index
+    orig = tmp_path / "o.f32"
+    assert idx.ntotal == 0 and (not orig.exists() or orig.stat().st_size == 0)
+    idx.add(x[:100])
+    with pytest.raises(ValueError, match="NaN"):
+        idx.add_file(tmp_path / "bad.npy")  # appended through the pending path
+    assert idx.ntotal == 100 and (tmp_path / "o.f32").stat().st_size == x[:100].nbytes
+    assert idx.search(q, 3, oversample=2).ids.max() < 100
