@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -93,7 +94,9 @@ def point(args) -> dict:
     model = build_model("dlrm", table=table, num_dense=data.num_dense)
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, evals_per_epoch=1, progress=False,
                       eval_batch_size=16384)
+    load_before = os.getloadavg()[0]
     res = Trainer(model, data, cfg).fit()
+    load_after = os.getloadavg()[0]
     peak = peak_rss_bytes()  # training and evaluation; the artifact round trip below is not counted
     model.eval()
     artifact = {}
@@ -122,7 +125,7 @@ def point(args) -> dict:
             "serving_bytes": table.serving_bytes(), "full_bytes": table.full_bytes,
             "train_state_bytes": res.train_state_bytes, "peak_rss_bytes": peak,
             "train_seconds": res.train_seconds, "load_seconds": load_s, "threads": args.threads,
-            "batch_size": args.batch_size, **artifact}
+            "batch_size": args.batch_size, "loadavg_1min": [load_before, load_after], **artifact}
 
 
 def grid(args) -> None:

@@ -7,6 +7,14 @@ update with one ``unique`` over the row indices, one ``index_add_`` of the dupli
 row gathers and scatters of the moments: the same operations in the same order on the touched
 rows, so the parameters match SparseAdam's (up to the order in which duplicate rows of one
 batch are summed).
+
+For float32 parameters the whole update runs in one compiled pass (:func:`_adam_rows`, numba):
+duplicate rows are found with a small open-addressing hash set sized by the batch (not by the
+table, so a 33.8M-row table needs no per-row scratch), their gradients summed in index order
+(the order ``index_add_`` sums them), then each touched row's moments and weights are updated
+in place while they are in cache. Measured on DLRM at the Criteo vocabulary (one thread), this
+cut ``hash@100x``'s optimizer step from 13 ms to a few ms per batch of 2048; the torch path
+(gather, arithmetic, scatter: five passes over the touched rows) stays for other dtypes.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
+from numba import njit
 
 COUNT_FACTOR = 8
 """Tables with at most this many rows per looked-up index find the touched rows by counting
@@ -29,6 +39,75 @@ def _unique_rows(index: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torc
     rows = touched.nonzero().squeeze(1)
     position = torch.cumsum(touched, 0) - 1
     return rows, position[index]
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+TOUCH_BLOCK = 32
+"""Rows whose weights and moments are first read together (so their cache misses overlap) before
+they are updated: measured 1.7-2.3x faster than updating row by row at 0.3M-34M rows."""
+
+
+@njit(cache=True, nogil=True)
+def _adam_rows(index, values, param, exp_avg, exp_avg_sq, table, shift, rows, grad, one_m_b1, one_m_b2,
+               eps, neg_step, block):  # pragma: no cover - compiled
+    """One Adam step on the rows ``index`` touches, in place. Returns the number of touched rows.
+
+    ``table`` (int64, 2**b >= 2 * len(index) slots, all -1) is an open-addressing hash set of the
+    touched rows, probed linearly from the top b bits of a Fibonacci hash (``shift = 64 - b``); a
+    used slot holds ``row << 32 | position of the row's summed gradient``. ``rows`` (int64[n]) and
+    ``grad`` (float32[n, D]) are scratch. ``table`` is all -1 again on return. The arithmetic is the
+    torch path's, in float32 and in the same order.
+    """
+    n, dim = values.shape
+    num_rows = param.shape[0]
+    mask = table.shape[0] - 1
+    u = 0
+    for i in range(n):  # sum the gradients of each touched row, in index order
+        r = index[i]
+        if r < 0 or r >= num_rows:
+            raise IndexError("RowSparseAdam: a gradient row index is outside the parameter")
+        h = np.int64((np.uint64(r) * _GOLDEN) >> shift) & mask
+        while True:
+            e = table[h]
+            if e == -1:
+                table[h] = (r << 32) | u
+                rows[u] = h
+                for c in range(dim):
+                    grad[u, c] = values[i, c]
+                u += 1
+                break
+            if (e >> 32) == r:
+                p = e & 0xFFFFFFFF
+                for c in range(dim):
+                    grad[p, c] += values[i, c]
+                break
+            h = (h + 1) & mask
+    for j in range(u):  # slots -> rows; the table is empty again
+        h = rows[j]
+        rows[j] = table[h] >> 32
+        table[h] = -1
+    touched = np.float32(0)
+    for j0 in range(0, u, block):
+        j1 = min(u, j0 + block)
+        for j in range(j0, j1):  # read the block's rows first: their misses are in flight together
+            r = rows[j]
+            touched += param[r, 0] + exp_avg[r, 0] + exp_avg_sq[r, 0]
+        for j in range(j0, j1):
+            r = rows[j]
+            for c in range(dim):
+                g = grad[j, c]
+                m0 = exp_avg[r, c]
+                v0 = exp_avg_sq[r, c]
+                m = (g - m0) * one_m_b1 + m0
+                v = (g * g - v0) * one_m_b2 + v0
+                exp_avg[r, c] = m
+                exp_avg_sq[r, c] = v
+                param[r, c] += (m / (np.sqrt(v) + eps)) * neg_step
+    if touched != touched and u < 0:  # never true: keeps the reads above from being optimised away
+        u = -1
+    return u
 
 
 class RowSparseAdam(torch.optim.Optimizer):
@@ -53,6 +132,9 @@ class RowSparseAdam(torch.optim.Optimizer):
             raise ValueError(f"RowSparseAdam: need lr > 0, eps > 0 and betas in [0, 1), got lr={lr}, "
                              f"betas={betas}, eps={eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        # per parameter: the compiled step's scratch (hash set, rows, summed gradients),
+        # kept between steps so that no step pays for fresh pages
+        self._scratch: dict[int, tuple[np.ndarray, ...]] = {}
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
@@ -72,6 +154,10 @@ class RowSparseAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 index, values = grad._indices()[0], grad._values()
+                bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+                step_size = lr * math.sqrt(bias2) / bias1
+                if self._compiled_step(p, state, index, values, beta1, beta2, eps, step_size):
+                    continue
                 if grad.is_coalesced():
                     rows, g = index, values
                 else:
@@ -86,7 +172,29 @@ class RowSparseAdam(torch.optim.Optimizer):
                 exp_avg.index_copy_(0, rows, numer)
                 exp_avg_sq.index_copy_(0, rows, sq)
                 denom = sq.sqrt().add_(eps)
-                bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-                step_size = lr * math.sqrt(bias2) / bias1
                 p.index_add_(0, rows, numer.div_(denom).mul_(-step_size))
         return loss
+
+    def _compiled_step(self, p, state, index, values, beta1, beta2, eps, step_size) -> bool:
+        """The update by :func:`_adam_rows`; False (nothing done) where it does not apply."""
+        if not (p.dtype == values.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu"
+                and p.shape[0] < 2**31):  # the hash set packs a row and a position in 64 bits
+            return False
+        n = index.numel()
+        if n == 0:
+            return True
+        cap = max(16, 1 << (2 * n - 1).bit_length())
+        width = p[0].numel()
+        scratch = self._scratch.get(id(p))
+        if scratch is None or scratch[0].shape[0] < cap or scratch[1].shape[0] < n:
+            scratch = self._scratch[id(p)] = (np.full(cap, -1, dtype=np.int64), np.empty(n, np.int64),
+                                              np.empty((n, width), np.float32))
+        table, rows, grad = scratch
+        _adam_rows(index.numpy(), values.detach().contiguous().reshape(n, width).numpy(),
+                   p.detach().view(p.shape[0], width).numpy(),
+                   state["exp_avg"].view(p.shape[0], width).numpy(),
+                   state["exp_avg_sq"].view(p.shape[0], width).numpy(),
+                   table, np.uint64(64 - (table.shape[0].bit_length() - 1)), rows, grad,
+                   np.float32(1 - beta1), np.float32(1 - beta2), np.float32(eps), np.float32(-step_size),
+                   TOUCH_BLOCK)
+        return True

@@ -50,3 +50,39 @@ def test_counting_and_sorting_find_the_same_rows(monkeypatch):
     for a, b in zip(counted, sorted_, strict=True):
         assert torch.equal(a, b)
     assert counted[0].tolist() == [0, 3, 7, 9] and counted[1].tolist() == [2, 1, 1, 0, 3, 2, 2]
+
+
+def _torch_path_only(opt):
+    opt._compiled_step = lambda *args: False
+    return opt
+
+
+@pytest.mark.parametrize("dim", [1, 4, 16])
+def test_compiled_step_equals_the_torch_path(dim):
+    """Batch sizes that grow and shrink (the kernel's scratch is reused and regrown); rows repeat."""
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Embedding(3000, dim, sparse=True), torch.nn.Embedding(3000, dim, sparse=True)
+    ref.load_state_dict(ours.state_dict())
+    opt, ref_opt = RowSparseAdam(ours.parameters(), lr=0.01), _torch_path_only(RowSparseAdam(ref.parameters(), lr=0.01))
+    gen = torch.Generator().manual_seed(1)
+    for size in (7, 300, 4000, 1, 900, 4000, 20):
+        ids = torch.randint(0, 400, (size,), generator=gen) * torch.randint(1, 7, (size,), generator=gen)
+        target = torch.randn(size, dim, generator=gen)
+        for emb, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            (emb(ids) - target).square().sum().backward()
+            o.step()
+    assert opt._scratch, "the compiled step ran"
+    assert not torch.equal(ours.weight, ref.weight.detach().clone().zero_())
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-6, atol=1e-7)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt.state[ours.weight][key], ref_opt.state[ref.weight][key], rtol=1e-5, atol=1e-8)
+    table = next(iter(opt._scratch.values()))[0]
+    assert (table == -1).all(), "the hash set is empty between steps"
+
+
+def test_compiled_step_rejects_rows_outside_the_parameter():
+    w = torch.nn.Parameter(torch.zeros(5, 2))
+    w.grad = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.ones(2, 2), (5, 2), check_invariants=False)
+    with pytest.raises(IndexError, match="outside the parameter"):
+        RowSparseAdam([w]).step()

@@ -99,3 +99,21 @@ def test_hash_seed_changes_rows_and_is_deterministic():
     b = UnifiedTable(fields=_fields(), dim=8, budget=Ratio(4), hash_seed=0).rows_of(ids)
     c = UnifiedTable(fields=_fields(), dim=8, budget=Ratio(4), hash_seed=1).rows_of(ids)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_compiled_universal_hash_equals_the_formula():
+    """The numba pass (Mersenne reduction) against torch's five operations, with broadcasting,
+    negative ids and ids past the prime."""
+    from embpress.tables.hashing import PRIME, universal_hash
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [((100, 26, 1), (26, 4), 1000), ((100, 26), (26,), (26,)), ((7,), (7,), 5), ((3, 4, 5), (4, 5), (4, 1))]
+    for x_shape, ab_shape, m in cases:
+        x = torch.randint(-2**40, 2**40, x_shape, generator=gen)
+        a = torch.randint(1, PRIME, ab_shape, generator=gen)
+        b = torch.randint(0, PRIME, ab_shape, generator=gen)
+        m = torch.randint(1, 10**6, m, generator=gen) if isinstance(m, tuple) else m
+        assert torch.equal(universal_hash(x, a, b, m), ((a * (x % PRIME) + b) % PRIME) % m)
+    x = torch.tensor([0, PRIME - 1, PRIME, 2**62, -1])
+    a = b = torch.tensor(PRIME - 1)
+    assert torch.equal(universal_hash(x, a, b, PRIME), ((a * (x % PRIME) + b) % PRIME) % PRIME)

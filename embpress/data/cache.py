@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from embpress.atomic import atomic_open, atomic_write_text
-from embpress.data.schema import CTRDataset, Split
+from embpress.data.schema import ArrayFile, CTRDataset, Split
 from embpress.tables.base import Field
 
 LAYOUT_VERSION = 2
@@ -327,7 +327,10 @@ def read_dataset(folder: Path) -> CTRDataset:
                     raise CacheError(f"{folder}: {path.name} is {a.dtype}{a.shape}, expected "
                                      f"{np.dtype(dtype)}{want}")
                 arrays[kind] = a
-            splits[s] = Split(**arrays)
+            # unsliced maps of C-ordered .npy files: the rows start at the map's own offset
+            files = {k: ArrayFile(array_path(folder, s, k), int(a.offset)) for k, a in arrays.items()
+                     if isinstance(a, np.memmap) and a.flags.c_contiguous}
+            splits[s] = Split(**arrays, files=files if len(files) == len(arrays) else None)
     except CacheError:
         raise
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,14 +13,35 @@ import torch
 from embpress.tables.base import Field
 
 
+BLOCK_ROWS = 4096
+"""Rows per block of a windowed read (see :meth:`Split.batches`)."""
+WINDOW_BLOCKS = 64
+"""Blocks per window: 262,144 rows, about 42 MB for a Criteo row (13 dense + 26 ids + label)."""
+
+
+@dataclass(frozen=True)
+class ArrayFile:
+    """Where a C-ordered array's rows lie in a file: ``path``, byte ``offset`` of row 0."""
+
+    path: Path
+    offset: int
+
+
 @dataclass(frozen=True)
 class Split:
     """One split. ``dense: float32[N, Dd]``, ``sparse: int32|int64[N, F]`` field-local ids,
-    ``label: float32[N]`` in {0, 1}. Arrays may be memory-mapped."""
+    ``label: float32[N]`` in {0, 1}. Arrays may be memory-mapped.
+
+    ``files`` (optional, set by the dataset cache) says where each array's rows lie on disk; a split
+    with files and more rows than one window is read with ``pread`` instead of through its maps
+    (see :meth:`batches`), so a pass over a 10M-row split does not leave its pages in the process's
+    memory.
+    """
 
     dense: np.ndarray
     sparse: np.ndarray
     label: np.ndarray
+    files: dict[str, ArrayFile] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.label)
@@ -39,11 +62,19 @@ class Split:
                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(dense float32[B, Dd], ids int64[B, F], label float32[B])`` tensors.
 
-        Shuffled batches gather rows by a permutation drawn from ``generator``.
+        Shuffled batches gather rows by a permutation drawn from ``generator``. A split read from
+        files (``files`` set) with more than ``BLOCK_ROWS * WINDOW_BLOCKS`` rows is read a window
+        at a time with ``pread``: unshuffled, windows in order; shuffled, a window is
+        ``WINDOW_BLOCKS`` blocks of ``BLOCK_ROWS`` consecutive rows drawn without replacement,
+        and its rows are permuted (block shuffle, as large-scale CTR loaders do). Every row is
+        yielded once per pass either way; memory stays one window, whatever the split's size.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n = len(self)
+        if self.files is not None and n > BLOCK_ROWS * WINDOW_BLOCKS:
+            yield from self._windowed_batches(batch_size, shuffle, generator)
+            return
         order = torch.randperm(n, generator=generator).numpy() if shuffle else None
         for start in range(0, n, batch_size):
             if order is None:
@@ -55,6 +86,58 @@ class Split:
             yield (torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32)),
                    torch.from_numpy(np.ascontiguousarray(s, dtype=np.int64)),
                    torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)))
+
+
+    def _windowed_batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None):
+        n = len(self)
+        num_blocks = -(-n // BLOCK_ROWS)
+        blocks = torch.randperm(num_blocks, generator=generator).numpy() if shuffle else np.arange(num_blocks)
+        arrays = {"dense": self.dense, "sparse": self.sparse, "label": self.label}
+        fds = {k: os.open(self.files[k].path, os.O_RDONLY) for k in arrays}
+        try:
+            carry = None  # rows of the last window that did not fill a batch
+            for w in range(0, num_blocks, WINDOW_BLOCKS):
+                chosen = np.sort(blocks[w:w + WINDOW_BLOCKS]) if shuffle else blocks[w:w + WINDOW_BLOCKS]
+                spans = [(int(b) * BLOCK_ROWS, min(n, (int(b) + 1) * BLOCK_ROWS)) for b in chosen]
+                rows = sum(e - s for s, e in spans)
+                window = {}
+                for kind, a in arrays.items():
+                    buf = np.empty((rows, *a.shape[1:]), dtype=a.dtype)
+                    row_bytes = a.itemsize * (a.shape[1] if a.ndim == 2 else 1)
+                    at = 0
+                    for s, e in spans:
+                        _pread_into(fds[kind], buf[at:at + e - s], self.files[kind], s * row_bytes)
+                        at += e - s
+                    window[kind] = buf
+                if shuffle:
+                    perm = torch.randperm(rows, generator=generator).numpy()
+                    window = {k: v[perm] for k, v in window.items()}
+                if carry is not None:
+                    window = {k: np.concatenate([carry[k], v]) for k, v in window.items()}
+                    rows += len(carry["label"])
+                last = w + WINDOW_BLOCKS >= num_blocks
+                end = rows if last else rows - rows % batch_size
+                for start in range(0, end, batch_size):
+                    sl = slice(start, min(start + batch_size, end))
+                    yield (torch.from_numpy(np.ascontiguousarray(window["dense"][sl], dtype=np.float32)),
+                           torch.from_numpy(np.ascontiguousarray(window["sparse"][sl], dtype=np.int64)),
+                           torch.from_numpy(np.ascontiguousarray(window["label"][sl], dtype=np.float32)))
+                carry = None if last or end == rows else {k: v[end:] for k, v in window.items()}
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
+def _pread_into(fd: int, out: np.ndarray, source: ArrayFile, start: int) -> None:
+    """Fill ``out`` (C-contiguous) with the bytes at ``source.offset + start``; a short file raises."""
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], source.offset + start + done)
+        if got == 0:
+            raise OSError(f"{source.path}: file ends at byte {source.offset + start + done:,}, "
+                          f"but the split needs {len(view) - done:,} more bytes there (truncated?)")
+        done += got
 
 
 @dataclass(frozen=True)

@@ -336,7 +336,8 @@ class CompressedTable(nn.Module):
         buffer and tensor attribute of its modules (supernets, masks, caches, codes), plus what the
         trainer adds per trainable parameter: Adam's two moments (Adam and SparseAdam keep them
         dense, at the parameter's size) and, for parameters without sparse gradients, the dense
-        gradient. Sparse gradients (a batch's rows) are not counted. The trainer records the
+        gradient. What scales with the batch, not the table, is not counted: sparse gradients (a
+        batch's rows) and RowSparseAdam's scratch (about 16 + 4 * D bytes per lookup). The trainer records the
         largest value over the stages (``TrainResult.train_state_bytes``).
 
         >>> t = build_table("hash", fields=[Field("a", 1000)], dim=4, budget=Ratio(10))
