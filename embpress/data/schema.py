@@ -12,7 +12,6 @@ import torch
 
 from embpress.tables.base import Field
 
-
 BLOCK_ROWS = 4096
 """Rows per block of a windowed read (see :meth:`Split.batches`)."""
 WINDOW_BLOCKS = 64
