@@ -93,7 +93,7 @@ def point(args) -> dict:
         table = build_table(args.point, fields=data.fields, dim=args.dim, budget=budget)
     model = build_model("dlrm", table=table, num_dense=data.num_dense)
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, evals_per_epoch=1, progress=False,
-                      eval_batch_size=16384)
+                      eval_batch_size=args.eval_batch_size)
     load_before = os.getloadavg()[0]
     res = Trainer(model, data, cfg).fit()
     load_after = os.getloadavg()[0]
@@ -194,6 +194,8 @@ def main() -> None:
     ap.add_argument("--data", default="", help="train one epoch of this dataset spec instead of random ids")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument("--eval-batch-size", type=int, default=4096,
+                    help="evaluation batch (its activations are part of the peak RSS)")
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/scale")

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from embpress.atomic import atomic_open
@@ -88,23 +87,47 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve of scores ``p`` for binary labels ``y`` (ties count half), as
+    scikit-learn's ``roc_auc_score`` computes it: the trapezoidal area under the (FPR, TPR) points
+    at each distinct score. Written here because importing scikit-learn's metrics costs every
+    training process about 140 MB of resident memory."""
+    order = np.argsort(p, kind="stable")[::-1]
+    p_sorted, y_sorted = p[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(p_sorted)), len(p_sorted) - 1]  # last index of each distinct score
+    tps = np.cumsum(y_sorted)[last]
+    fps = (last + 1) - tps
+    pos, neg = tps[-1], fps[-1]
+    tpr, fpr = np.r_[0.0, tps / pos], np.r_[0.0, fps / neg]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)
+
+
+def log_loss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of probabilities ``p`` (clipped to ``[eps, 1 - eps]``) for labels ``y``."""
+    p = np.clip(p, eps, 1 - eps)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
 def evaluate(model: CTRModel, split: Split, batch_size: int = 16384) -> tuple[float, float]:
     """``(AUC, log loss)`` of ``model`` on ``split`` (eval mode, no gradients)."""
     was_training = model.training
     model.eval()
-    preds = []
+    # one array written in place: a list of per-batch arrays, each allocated after the batch's
+    # temporaries and kept to the end, ratchets the heap (measured: +6.5 MB a batch, 1.7 GB a pass)
+    p = np.empty(len(split), dtype=np.float64)
+    at = 0
     with torch.no_grad():
         for dense, ids, _ in split.batches(batch_size):
-            preds.append(torch.sigmoid(model(dense, ids)).double().numpy())
+            p[at:at + len(ids)] = torch.sigmoid(model(dense, ids)).numpy()
+            at += len(ids)
     model.train(was_training)
-    p = np.concatenate(preds) if preds else np.zeros(0)
     y = np.asarray(split.label, dtype=np.float64)
     if len(y) == 0 or y.min() == y.max():
         warnings.warn("evaluation split has a single class: AUC is undefined", stacklevel=2)
         return float("nan"), float("nan")
     if not np.isfinite(p).all():
         raise FloatingPointError("model produced non-finite predictions during evaluation")
-    return float(roc_auc_score(y, p)), float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)))
+    return roc_auc(y, p), log_loss(y, p)
 
 
 class _Optimizers:
