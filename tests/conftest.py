@@ -23,11 +23,19 @@ def zipf_counts(n: int, seed: int = 0) -> np.ndarray:
     return np.sort(c)[::-1].copy()
 
 
+def clustered_content(n: int, dim: int = 16, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    """``float32[n, dim]`` content vectors around ``clusters`` random centres (for semantic-ID tables)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    return (centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
 @pytest.fixture(scope="session")
 def small_fields() -> list[Field]:
-    """Three fields of very different sizes, with training counts."""
+    """Three fields of very different sizes, with training counts; the large one carries content
+    vectors (semantic-ID tables code them, every other method ignores them)."""
     return [Field("small", 7, zipf_counts(7)), Field("mid", 300, zipf_counts(300, 1)),
-            Field("large", 5000, zipf_counts(5000, 2))]
+            Field("large", 5000, zipf_counts(5000, 2), content=clustered_content(5000))]
 
 
 @pytest.fixture(scope="session")
