@@ -833,11 +833,6 @@ class SemanticIdServed(ServedTable):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         h = _universal_hash(ids, self.array("hash_a"), self.array("hash_b"), self.array("buckets").clamp(min=1))
         rows = torch.where(self._hashed, h, ids) + self._row_offsets
-        out = torch.zeros(ids.shape[0], self.num_fields, self.dim)
-        keep = torch.ones(self.num_fields, dtype=torch.bool)
-        keep[self.content] = False
-        if bool(keep.any()):
-            out[:, keep] = nn.functional.embedding(rows[:, keep], self.array("weight"))
-        for j in self.content:
-            out[:, j] = self._content(j, ids[:, j])
-        return out
+        weight = self.array("weight")
+        return torch.stack([self._content(j, ids[:, j]) if j in self.content
+                            else nn.functional.embedding(rows[:, j], weight) for j in range(self.num_fields)], 1)

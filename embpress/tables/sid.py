@@ -201,14 +201,8 @@ class SemanticIdTable(CompressedTable):
         rows = torch.where(self.hashed, h, ids) + self.row_offsets
         if not self.content_fields:
             return self.weight(rows)
-        keep = torch.ones(self.num_fields, dtype=torch.bool)
-        keep[self.content_fields] = False
-        out = torch.zeros(ids.shape[0], self.num_fields, self.dim)
-        if bool(keep.any()):
-            out[:, keep] = self.weight(rows[:, keep])
-        for j in self.content_fields:
-            out[:, j] = self._content_lookup(j, ids[:, j])
-        return out
+        return torch.stack([self._content_lookup(j, ids[:, j]) if j in self.content_fields
+                            else self.weight(rows[:, j]) for j in range(self.num_fields)], 1)
 
     # -- memory -----------------------------------------------------------------------------
 
