@@ -185,3 +185,19 @@ def test_served_from_artifact_with_content(method, cold_start, tmp_path):
     ids = torch.from_numpy(np.asarray(data.test.sparse[:300], dtype=np.int64))
     with torch.no_grad():
         torch.testing.assert_close(served(ids), table(ids), rtol=1e-6, atol=1e-7)
+
+
+def test_field_content_is_checked_and_ignored_by_other_methods():
+    with pytest.raises(ValueError, match="'item': content must have shape"):
+        Field("item", 10, content=np.zeros((9, 4), np.float32))
+    with pytest.raises(ValueError, match="'item': content must hold floats"):
+        Field("item", 10, content=np.zeros((10, 4), np.int64))
+    with pytest.raises(ValueError, match="'item': content has NaN"):
+        Field("item", 10, content=np.full((10, 4), np.inf, np.float32))
+    plain, rich = Field("item", 500), Field("item", 500, content=clustered_content(500))
+    assert plain == rich
+    torch.manual_seed(0)
+    a = build_table("hash", fields=[plain], dim=4, budget=Ratio(4))(torch.tensor([[7]]))
+    torch.manual_seed(0)
+    b = build_table("hash", fields=[rich], dim=4, budget=Ratio(4))(torch.tensor([[7]]))
+    assert torch.equal(a, b)
