@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 from embpress.data import load_dataset
 from embpress.data.recbole import cold_rows, item_texts, recbole_example, with_content
 from embpress.models import build_model
-from embpress.tables import Ratio, build_table, table_class
+from embpress.tables import BudgetError, Ratio, build_table, table_class
 from embpress.tables.sid_tokenize import collision_stats
 from embpress.train import TrainConfig, train
 from embpress.vectors.encode import encode_texts
@@ -81,8 +81,12 @@ def run(args) -> None:
                     torch.manual_seed(seed)
                     t0 = time.perf_counter()
                     hp = {"tokenizer": tok, "seed": seed} if tok != "-" else {}
-                    table = build_table(method, fields=ds.fields, dim=args.dim,
-                                        budget=None if reference else Ratio(ratio), **hp)
+                    try:
+                        table = build_table(method, fields=ds.fields, dim=args.dim,
+                                            budget=None if reference else Ratio(ratio), **hp)
+                    except BudgetError as e:
+                        print(f"seed {seed} ratio {ratio} {method:9s} {tok:9s} does not fit: {e}", flush=True)
+                        continue
                     build_s = time.perf_counter() - t0
                     model = build_model("dlrm", table=table, num_dense=0, bottom=(16,), top=(128, 64))
                     res = train(model, ds, TrainConfig(epochs=args.epochs, batch_size=2048,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,16 @@ def small_fields() -> list[Field]:
 
 @pytest.fixture(scope="session")
 def tiny_ctr():
-    """A tiny synthetic CTR task in which per-id effects carry most of the signal."""
-    return make_synthetic(SyntheticConfig(rows=30_000, num_dense=2, num_fields=4, min_cardinality=20,
+    """A tiny synthetic CTR task in which per-id effects carry most of the signal. The largest field
+    carries content vectors unrelated to the effects (semantic-ID tables need some; others ignore them)."""
+    data = make_synthetic(SyntheticConfig(rows=30_000, num_dense=2, num_fields=4, min_cardinality=20,
                                           max_cardinality=2_000, zipf=1.1, interacting_fields=4,
                                           first_order_std=1.0, second_order_std=1.0, dense_std=0.1,
                                           seed=1))
+    big = max(range(len(data.fields)), key=lambda j: data.fields[j].num_embeddings)
+    fields = tuple(dataclasses.replace(f, content=clustered_content(f.num_embeddings, seed=j)) if j == big else f
+                   for j, f in enumerate(data.fields))
+    return dataclasses.replace(data, fields=fields)
 
 
 @pytest.fixture

@@ -201,3 +201,8 @@ def test_field_content_is_checked_and_ignored_by_other_methods():
     torch.manual_seed(0)
     b = build_table("hash", fields=[rich], dim=4, budget=Ratio(4))(torch.tensor([[7]]))
     assert torch.equal(a, b)
+
+
+def test_a_table_without_content_fields_says_so():
+    with pytest.raises(ValueError, match="no field carries content vectors"):
+        build_table("sid", fields=[Field("user", 100)], dim=4, budget=Ratio(2))

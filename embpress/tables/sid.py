@@ -9,8 +9,8 @@ table of ``K`` rows per level, ``L * K`` rows) or bigrams of consecutive levels 
 branch, combined per item), a small hashed ID table for the same field, mixed with the semantic
 vector by a learned per-lookup gate ``g = sigmoid(w . [s; h] + b)``: ``g * s + (1 - g) * h``.
 
-Only fields that carry content (``Field.content``) get semantic IDs; every other field is hashed
-exactly as the ``hash`` table does (Weinberger et al.; small fields keep one row per id). Codes are
+Only fields that carry content (``Field.content``) get semantic IDs (at least one must); every
+other field is hashed exactly as the ``hash`` table does (Weinberger et al.; small fields keep one row per id). Codes are
 computed once, when the table is built, from the content vectors (the tokenizer is not trained
 with the CTR model, as in the paper). An id that has no training rows (a cold item) still has
 content, hence codes, hence a trained vector.
@@ -99,6 +99,10 @@ class SemanticIdTable(CompressedTable):
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"{self.method}: unknown tokenizer {tokenizer!r}; available: {sorted(TOKENIZERS)}")
         self.content_fields = [j for j, f in enumerate(self.fields) if f.content is not None]
+        if not self.content_fields:
+            raise ValueError(f"{self.method}: no field carries content vectors, so there is nothing to build "
+                             f"semantic IDs from; give the item field Field(content=float32[num_embeddings, C]) "
+                             f"(e.g. embpress.data.recbole.with_content) or use 'hash'")
         self.codes_, rows, self.id_rows_ = self._size()
         self.rows = rows
         f_count = self.num_fields
@@ -157,11 +161,6 @@ class SemanticIdTable(CompressedTable):
         sizes = [f.num_embeddings for f in self.fields]
         row_bytes = self.dim * FP32_BYTES
         overhead = HASH_PARAM_BYTES * self.num_fields
-        if not self.content_fields:  # no content: every field hashed, as in ``hash``
-            units = (self.max_bytes - overhead) // row_bytes
-            if units < len(sizes):
-                raise BudgetError(f"{self.method}: budget {self.max_bytes:,} bytes is below one row per field")
-            return 0, allocate_rows(sizes, int(units)), {}
         smallest = min(sizes[j] for j in self.content_fields)
         for k in range(min(self.max_codes, smallest), 1, -1):
             semantic = self._semantic_rows(k)
@@ -199,8 +198,6 @@ class SemanticIdTable(CompressedTable):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         h = universal_hash(ids, self.hash_a, self.hash_b, self.buckets.clamp(min=1))
         rows = torch.where(self.hashed, h, ids) + self.row_offsets
-        if not self.content_fields:
-            return self.weight(rows)
         return torch.stack([self._content_lookup(j, ids[:, j]) if j in self.content_fields
                             else self.weight(rows[:, j]) for j in range(self.num_fields)], 1)
 
