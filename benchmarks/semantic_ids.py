@@ -153,6 +153,18 @@ def summary(path: str) -> None:
         col = f"{np.mean([r['collision_collision_rate'] for r in rs]):.3f}" if "recon_error" in rs[0] else ""
         print(f"| {ratio or 'full'} | {method} | {tok} | {len(rs)} | {ms('auc_all')} | {ms('auc_warm')} | "
               f"{ms('auc_cold')} | {int(np.mean([r['serving_bytes'] for r in rs])):,} | {k} | {rec} | {col} |")
+    # paired by seed (same split, same cold items): the difference to hash at the same ratio
+    print("\n| ratio | method | tokenizer | seeds | cold AUC - hash (per seed) | mean ± std | warm AUC - hash mean |")
+    print("|---|---|---|---|---|---|---|")
+    for (ratio, method, tok), rs in sorted(groups.items()):
+        base = {r["seed"]: r for r in groups.get((ratio, "hash", "-"), [])}
+        pairs = [(r["auc_cold"] - base[r["seed"]]["auc_cold"], r["auc_warm"] - base[r["seed"]]["auc_warm"])
+                 for r in sorted(rs, key=lambda r: r["seed"]) if r["seed"] in base and method != "hash"]
+        if not ratio or not pairs:
+            continue
+        d = np.array(pairs)
+        print(f"| {ratio} | {method} | {tok} | {len(d)} | {', '.join(f'{v:+.4f}' for v in d[:, 0])} | "
+              f"{d[:, 0].mean():+.4f} ± {d[:, 0].std(ddof=1) if len(d) > 1 else 0:.4f} | {d[:, 1].mean():+.4f} |")
 
 
 def main() -> None:
