@@ -797,3 +797,42 @@ class AutoDimServed(ServedTable):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.stack([nn.functional.embedding(ids[:, j], self.array(f"{n}.weight")) @ self.array(f"{n}.proj")
                             + self.array(f"{n}.bias") for j, n in enumerate(self.field_names)], 1)
+
+
+@register_served("sid", "sid-ngram", "sid-hash")
+class SemanticIdServed(ServedTable):
+    """Hashed rows for fields without content; per content field, its packed code tuples summed over
+    the n-gram table (plus, for ``sid-hash``, a hashed ID row mixed in by the gate)."""
+
+    needs = ("weight", "hash_a", "hash_b", "buckets")
+
+    def setup(self) -> None:
+        self.content = [self.field_names.index(n) for n in self.spec["content_fields"]]
+        self.levels, self.codes, self.ngram = int(self.spec["levels"]), int(self.spec["codes"]), int(self.spec["ngram"])
+        rows = self.array("buckets").clone()
+        rows[self.content] = 0
+        self.register_buffer("_row_offsets", torch.cumsum(rows, 0) - rows, persistent=False)
+        self.register_buffer("_hashed", rows < self._sizes, persistent=False)
+        self.register_buffer("_base", torch.tensor([self.codes ** i for i in range(self.ngram)]), persistent=False)
+
+    def _content(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        name = self.field_names[j]
+        idx = x.unsqueeze(-1) * self.levels + torch.arange(self.levels)
+        codes = _gather_bits(self.array(f"{name}/codes"), idx, _code_bits(self.codes))     # [N, L]
+        windows = codes.unfold(1, self.ngram, 1)
+        rows = (windows * self._base).sum(-1) + torch.arange(windows.shape[1]) * self.codes ** self.ngram
+        sem = nn.functional.embedding(rows, self.array(f"{name}/book")).sum(1)
+        if f"{name}/ids" not in self._names:
+            return sem
+        h = _universal_hash(x, self.array("hash_a")[j], self.array("hash_b")[j], self.array("buckets")[j])
+        hid = nn.functional.embedding(h, self.array(f"{name}/ids"))
+        gate = self.array(f"{name}/gate")
+        g = torch.sigmoid(nn.functional.linear(torch.cat([sem, hid], -1), gate[None, :-1], gate[-1:]))
+        return g * sem + (1 - g) * hid
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        h = _universal_hash(ids, self.array("hash_a"), self.array("hash_b"), self.array("buckets").clamp(min=1))
+        rows = torch.where(self._hashed, h, ids) + self._row_offsets
+        weight = self.array("weight")
+        return torch.stack([self._content(j, ids[:, j]) if j in self.content
+                            else nn.functional.embedding(rows[:, j], weight) for j in range(self.num_fields)], 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +24,33 @@ def zipf_counts(n: int, seed: int = 0) -> np.ndarray:
     return np.sort(c)[::-1].copy()
 
 
+def clustered_content(n: int, dim: int = 16, clusters: int = 40, seed: int = 0) -> np.ndarray:
+    """``float32[n, dim]`` content vectors around ``clusters`` random centres (for semantic-ID tables)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    return (centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
 @pytest.fixture(scope="session")
 def small_fields() -> list[Field]:
-    """Three fields of very different sizes, with training counts."""
+    """Three fields of very different sizes, with training counts; the large one carries content
+    vectors (semantic-ID tables code them, every other method ignores them)."""
     return [Field("small", 7, zipf_counts(7)), Field("mid", 300, zipf_counts(300, 1)),
-            Field("large", 5000, zipf_counts(5000, 2))]
+            Field("large", 5000, zipf_counts(5000, 2), content=clustered_content(5000))]
 
 
 @pytest.fixture(scope="session")
 def tiny_ctr():
-    """A tiny synthetic CTR task in which per-id effects carry most of the signal."""
-    return make_synthetic(SyntheticConfig(rows=30_000, num_dense=2, num_fields=4, min_cardinality=20,
+    """A tiny synthetic CTR task in which per-id effects carry most of the signal. The largest field
+    carries content vectors unrelated to the effects (semantic-ID tables need some; others ignore them)."""
+    data = make_synthetic(SyntheticConfig(rows=30_000, num_dense=2, num_fields=4, min_cardinality=20,
                                           max_cardinality=2_000, zipf=1.1, interacting_fields=4,
                                           first_order_std=1.0, second_order_std=1.0, dense_std=0.1,
                                           seed=1))
+    big = max(range(len(data.fields)), key=lambda j: data.fields[j].num_embeddings)
+    fields = tuple(dataclasses.replace(f, content=clustered_content(f.num_embeddings, seed=j)) if j == big else f
+                   for j, f in enumerate(data.fields))
+    return dataclasses.replace(data, fields=fields)
 
 
 @pytest.fixture

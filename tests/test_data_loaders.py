@@ -295,7 +295,7 @@ def test_missing_and_empty_files(tmp_path):
 
 def test_spec_errors_list_the_choices(tmp_path):
     with pytest.raises(ValueError, match=r"unknown dataset format 'parquet'.*'avazu', 'criteo', 'libfm', "
-                                         r"'movielens', 'synthetic'"):
+                                         r"'movielens', 'recbole', 'synthetic'"):
         load_dataset("parquet:/x", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="criteo spec needs a file"):
         load_dataset("criteo", cache_dir=tmp_path)

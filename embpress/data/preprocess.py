@@ -119,6 +119,19 @@ class Source(abc.ABC):
         """Human-readable processing conventions of this format (stored in ``CTRDataset.info``)."""
         return {}
 
+    def split_codes(self, n: int, seed: int) -> np.ndarray:
+        """``uint8[n]`` split code per row (0 train, 1 valid, 2 test). Default: the random split of
+        :func:`assign_splits`; a format may split otherwise (e.g. hold out whole items)."""
+        return assign_splits(n, self.split_ratios, seed)
+
+    def catalog(self, field: int) -> pa.Array | None:
+        """Raw values of field number ``field`` known apart from the rows (an item catalog), or None.
+
+        Catalog values that no training row holds get their own ids, with count 0, after the kept
+        values (instead of the OOV id), so that a cold item keeps its identity and its content.
+        """
+        return None
+
 
 # --------------------------------------------------------------------------------------------
 # Errors and streaming text input shared by the delimited-text formats
@@ -475,8 +488,9 @@ class ValueCounter:
             self._merged = pa.table({"value": grouped["value"], "count": grouped["count_sum"]})
         self._pending, self._pending_rows = [], 0
 
-    def vocabulary(self, min_count: int) -> Vocabulary:
-        """Values with count >= ``min_count``, by descending count then ascending value."""
+    def vocabulary(self, min_count: int, catalog: pa.Array | None = None) -> Vocabulary:
+        """Values with count >= ``min_count``, by descending count then ascending value; then the
+        ``catalog`` values never counted (count 0, ascending), if a catalog is given."""
         self._merge()
         table = self._merged if self._merged is not None else pa.table(
             {"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
@@ -484,7 +498,15 @@ class ValueCounter:
         counts = table["count"].to_numpy().astype(np.int64)
         kept = int(np.count_nonzero(counts >= min_count))
         values = table["value"].slice(0, kept).combine_chunks()
-        return Vocabulary(values=values, counts=np.append(counts[:kept], counts[kept:].sum()))
+        own = counts[:kept]
+        if catalog is not None and len(catalog):
+            catalog = catalog.cast(pa.string())
+            seen = table["value"].combine_chunks() if table.num_rows else pa.array([], pa.string())
+            unseen = pc.unique(catalog.filter(pc.invert(pc.is_in(catalog, value_set=seen))))
+            unseen = unseen.take(pc.sort_indices(unseen))
+            values = pa.concat_arrays([values, unseen])
+            own = np.concatenate([own, np.zeros(len(unseen), dtype=np.int64)])
+        return Vocabulary(values=values, counts=np.append(own, counts[kept:].sum()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,8 +532,10 @@ def preprocess(source: Source, folder: Path, *, min_count: int | None, seed: int
         resolve_min_count(min_count, 1, 0)  # validate before the long passes
     names, dense_names = source.field_names(), source.dense_names()
     n = source.count_rows(progress=progress)
-    codes = assign_splits(n, source.split_ratios, seed)
-    sizes = split_sizes(n, source.split_ratios)
+    codes = source.split_codes(n, seed)
+    if not isinstance(codes, np.ndarray) or codes.shape != (n,) or codes.dtype != np.uint8 or codes.max() > 2:
+        raise RuntimeError(f"{type(source).__name__}.split_codes must return uint8[{n}] codes in 0..2")
+    sizes = tuple(int(c) for c in np.bincount(codes, minlength=3))
 
     counters = [ValueCounter() for _ in names]
     start = 0
@@ -528,7 +552,7 @@ def preprocess(source: Source, folder: Path, *, min_count: int | None, seed: int
                          f"{[str(f) for f in source.files]}")
 
     threshold = resolve_min_count(min_count, source.default_min_count, sizes[0])
-    vocabs = [c.vocabulary(threshold) for c in counters]
+    vocabs = [c.vocabulary(threshold, source.catalog(f)) for f, c in enumerate(counters)]
     del counters
 
     outs = [cache.SplitWriter(folder, split, rows, len(dense_names), len(names))

@@ -1,8 +1,8 @@
 """``load_dataset(spec)``: one entry point from a dataset spec string to a processed ``CTRDataset``.
 
 Specs: ``synthetic[:key=value,...]``, ``criteo:PATH[,PATH...]``, ``avazu:PATH[,PATH...]``,
-``movielens:FOLDER`` (or ``movielens:100k`` / ``movielens:1m`` to download), and
-``libfm:PATH[,PATH...]``. File formats are processed once (see :mod:`embpress.data.preprocess`)
+``movielens:FOLDER`` (or ``movielens:100k`` / ``movielens:1m`` to download),
+``libfm:PATH[,PATH...]`` and ``recbole:DIR[,cold=0.1]`` (RecBole atomic files, cold-item split). File formats are processed once (see :mod:`embpress.data.preprocess`)
 and cached (see :mod:`embpress.data.cache`); the synthetic set is generated in memory, except its
 production-size presets (``synthetic:preset=criteo,rows=45000000``), streamed into the cache.
 """
@@ -22,6 +22,7 @@ from embpress.data.criteo import CriteoSource
 from embpress.data.libfm import LibFMSource
 from embpress.data.movielens import MOVIELENS_DOWNLOADS, MovieLensSource
 from embpress.data.preprocess import PREPROCESS_VERSION, Source, preprocess, progress_task
+from embpress.data.recbole import RecBoleSource
 from embpress.data.schema import CTRDataset
 from embpress.data.synthetic import SYNTHETIC_VERSION, SyntheticConfig, make_synthetic, write_synthetic
 
@@ -30,6 +31,7 @@ FORMATS: dict[str, type[Source]] = {
     "avazu": AvazuSource,
     "movielens": MovieLensSource,
     "libfm": LibFMSource,
+    "recbole": RecBoleSource,
 }
 """File formats by spec prefix; ``synthetic`` is handled apart (nothing to read or cache)."""
 
@@ -98,7 +100,8 @@ def load_dataset(spec: str, *, cache_dir: str | Path | None = None, min_count: i
 
     Args:
         spec: ``"synthetic"`` or ``"synthetic:rows=100000,seed=3"`` (keys: ``SyntheticConfig`` fields),
-            ``"criteo:PATH"``, ``"avazu:PATH"``, ``"movielens:FOLDER"``, ``"libfm:PATH[,PATH...]"``.
+            ``"criteo:PATH"``, ``"avazu:PATH"``, ``"movielens:FOLDER"``, ``"libfm:PATH[,PATH...]"``,
+            ``"recbole:DIR[,cold=0.1][,threshold=4][,skip=COL+COL]"``.
         cache_dir: where processed datasets live; default ``$EMBPRESS_CACHE`` or ``~/.cache/embpress/data``.
         min_count: training count a raw value needs for its own id (rarer values share the field's
             OOV id). None: the format default (criteo 10, avazu 5, movielens 1, libfm 1), at most 2

@@ -43,6 +43,7 @@ from embpress.tables.qat import Int8QATTable, Int16QATTable
 from embpress.tables.qr import QRTable
 from embpress.tables.quant import Int8Table, Int16Table, PostTrainingQuantized
 from embpress.tables.robe import RobeTable
+from embpress.tables.sid import SemanticHashTable, SemanticIdTable, SemanticNgramTable
 from embpress.tables.tt import TTTable
 from embpress.tables.unified import UnifiedTable
 
@@ -56,4 +57,5 @@ __all__ = [
     "AdaptiveEmbedding", "DoubleHashTable", "DeepHashEmbedding", "RobeTable",
     "Int8QATTable", "Int16QATTable", "ALPTTable", "DPQTable", "PEPTable", "DeepLightTable", "AutoSrhTable",
     "MDETable", "AutoDimTable", "DNISTable", "OptEmbedTable",
+    "SemanticIdTable", "SemanticNgramTable", "SemanticHashTable",
 ]

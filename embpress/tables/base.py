@@ -33,11 +33,16 @@ class Field:
     ``counts`` holds training-set frequencies (int64, length ``num_embeddings``) for
     frequency-aware methods. Preprocessing numbers ids by descending frequency, so id 0 is
     the most frequent value of the field.
+
+    ``content`` optionally holds one content vector per id (float32 ``[num_embeddings, C]``,
+    e.g. a text embedding of an item's title): semantic-ID tables build their codes from it;
+    every other method ignores it.
     """
 
     name: str
     num_embeddings: int
     counts: np.ndarray | None = field(default=None, compare=False, repr=False)
+    content: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_embeddings, int | np.integer) or self.num_embeddings < 1:
@@ -52,6 +57,15 @@ class Field:
                 )
             if (counts < 0).any():
                 raise ValueError(f"Field {self.name!r}: counts must be non-negative")
+        if self.content is not None:
+            content = np.asarray(self.content)
+            if content.ndim != 2 or content.shape[0] != self.num_embeddings or content.shape[1] < 1:
+                raise ValueError(f"Field {self.name!r}: content must have shape ({self.num_embeddings}, C) "
+                                 f"with C >= 1 (one vector per id), got {content.shape}")
+            if not np.issubdtype(content.dtype, np.floating):
+                raise ValueError(f"Field {self.name!r}: content must hold floats, got dtype {content.dtype}")
+            if not np.isfinite(content).all():
+                raise ValueError(f"Field {self.name!r}: content has NaN or infinite values")
 
     def frequencies(self) -> np.ndarray:
         """Training counts as int64; ids numbered by descending frequency when no counts are known."""
