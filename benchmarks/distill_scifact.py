@@ -4,7 +4,9 @@ all-MiniLM-L6-v2 vectors of the SciFact corpus (5,183 documents) and its 300 tes
 embedding cache of ``embpress vectors eval --beir`` (encoded once there); the 809 training queries
 are encoded here once (cached the same way). Every codec is fitted on the corpus, then the test
 queries are searched in the codes with the codec's own scan (no re-ranking): recall@10 against the
-exact float top-10 and nDCG@10 against the test qrels.
+exact float top-10 and nDCG@10 against the test qrels; scan q/s is 300 queries over the codes by the
+codec's ``search_lists`` (the same lookup-table kernel for pq, opq, dvq and dopq), nq / process CPU
+seconds, best of 5, on a shared machine (noisy).
 
 Training modes (``--queries``): ``none`` (pseudo-queries from the corpus, no labels), ``train``
 (the training queries' float scores distilled, no labels), ``labels`` (the training queries with
@@ -16,6 +18,7 @@ the train qrels; the learned codecs take ``loss`` from their spec options).
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -72,6 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"{args.data} not found: SciFact lives in ../shared/data/scifact (see its README)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # training progress per epoch
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     opts = dict(o.split("=", 1) for o in args.opt)
@@ -81,7 +85,7 @@ def main() -> None:
     print(f"scifact: N={len(xb)} d={xb.shape[1]} test queries={len(xq)} train queries={len(d['xt'])} "
           f"train pairs={len(d['pairs'])} (test/train query overlap {d['overlap']}); queries={args.queries} "
           f"opts={opts} seed={args.seed} threads={args.threads}", flush=True)
-    print(f"{'spec':>10} {'bytes':>5} {'recall@10':>9} {'nDCG@10':>8} {'train s':>7} {'best ep':>7}  val recall history")
+    print(f"{'spec':>10} {'bytes':>5} {'recall@10':>9} {'nDCG@10':>8} {'train s':>7} {'scan q/s':>8} {'best ep':>7}  val recall history")
     starts: dict[str, object] = {}
 
     def start(spec: str):
@@ -116,12 +120,18 @@ def main() -> None:
             fit_s = time.perf_counter() - t
         codes = codec.encode(xb)
         res = codec.search_lists(xq, codes, 10, "ip")
+        cpu = []
+        for _ in range(5):  # the scan alone, nq / process CPU seconds, best of 5
+            c0 = time.process_time()
+            codec.search_lists(xq, codes, 10, "ip")
+            cpu.append(time.process_time() - c0)
+        qps = len(xq) / max(min(cpu), 1e-9)
         rec = recall_at_k(res.ids, gt, 10)
         ndcg = beir_metrics(res.ids, res.distances, test.query_ids, test.corpus_ids, test.qrels,
                             ("ndcg@10",), backend="numpy")["ndcg@10"]
         hist = " ".join(f"{v:.3f}" for v in getattr(codec, "val_recall_history_", []))
         best = getattr(codec, "best_epoch_", "-")
-        print(f"{spec:>10} {codec.code_bytes:>5} {rec:>9.4f} {ndcg:>8.4f} {fit_s:>7.1f} {best!s:>7}  {hist}",
+        print(f"{spec:>10} {codec.code_bytes:>5} {rec:>9.4f} {ndcg:>8.4f} {fit_s:>7.1f} {qps:>8.0f} {best!s:>7}  {hist}",
               flush=True)
 
 

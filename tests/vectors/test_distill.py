@@ -30,7 +30,8 @@ def data(make_clustered):
 @pytest.fixture(scope="module")
 def dopq(data):
     x, _ = data
-    return DistilledOPQ(m=4, nbits=4, niter=10, epochs=3, lr=2e-3, n_random=64, val_size=50).fit(x)
+    return DistilledOPQ(m=4, nbits=4, niter=10, train_rotation=True, epochs=3, lr=2e-3, n_random=64,
+                         val_size=50).fit(x)
 
 
 def test_codes_stay_faiss_pq(dopq, data):
@@ -77,10 +78,17 @@ def test_distillation_lowers_loss_and_raises_recall(data):
     assert r1 > r0, (r0, r1)
 
 
-def test_zero_epochs_is_faiss(data):
+def test_zero_epochs_is_faiss_and_init_is_the_start(data):
     x, q = data
+    start = ProductQuantizer(m=4, nbits=4).fit(x)
     c = DistilledPQ(m=4, nbits=4, epochs=0).fit(x)
-    np.testing.assert_array_equal(c.centroids_, ProductQuantizer(m=4, nbits=4).fit(x).centroids_)
+    np.testing.assert_array_equal(c.centroids_, start.centroids_)
+    opq = OptimizedProductQuantizer(m=4, nbits=4, niter=5).fit(x)
+    frozen = DistilledOPQ(m=4, nbits=4, epochs=1, n_random=32).fit(x, init=opq)
+    np.testing.assert_array_equal(frozen.rotation_, opq.rotation_)  # train_rotation=False keeps it
+    assert (frozen.best_epoch_ == 0) == np.array_equal(frozen.centroids_, opq.centroids_)
+    with pytest.raises(ValueError, match="init must be a fitted OptimizedProductQuantizer"):
+        DistilledOPQ(m=4, nbits=4).fit(x, init=start)
 
 
 def test_train_queries_and_contrastive(data):
