@@ -30,7 +30,7 @@ def data(make_clustered):
 @pytest.fixture(scope="module")
 def dopq(data):
     x, _ = data
-    return DistilledOPQ(m=4, nbits=4, niter=10, train_rotation=True, epochs=3, lr=2e-3, n_random=64,
+    return DistilledOPQ(m=4, nbits=4, niter=3, train_rotation=True, epochs=3, lr=2e-3, n_random=64,
                          val_size=50).fit(x)
 
 
@@ -127,3 +127,4 @@ def test_bad_input(data):
         DistilledPQ(m=4, nbits=4).fit(x, queries=q[:, :8])
     with pytest.raises(ValueError, match="pseudo must be"):
         DistilledOPQ(m=4, pseudo="held").fit(x)
+
