@@ -25,7 +25,8 @@ Queries: real training queries when ``fit`` gets ``queries``, otherwise pseudo-q
 corpus (``pseudo="corpus"``: the vectors themselves, each masked out of its own candidates;
 ``"noisy"``: each vector plus isotropic Gaussian noise of ``noise`` times its norm, renormalised).
 A tenth of the queries (at most ``val_size``) is held out; the epoch kept (the FAISS start
-included) is the one whose codes best recall their float 10-NN.
+included) is the one whose codes best recall their float 10-NN (labelled mode: their judged
+documents in the top 10).
 
 After training the codes are still FAISS's: nearest centroid in the (rotated) space, the same bit
 layout, and the same lookup-table scan as ``pq``/``opq`` (the classes subclass them and change
@@ -213,6 +214,7 @@ class _DistillTrainer:
         val_q, tr_q = np.sort(order[:n_val]), np.sort(order[n_val:])
         if pairs is not None:
             keep = np.isin(pairs[:, 0], tr_q)
+            val_pairs = pairs[~keep]
             pairs = pairs[keep]
             if not len(pairs):
                 raise ValueError(f"{self._name}: no labelled pair left for training")  # type: ignore[attr-defined]
@@ -236,6 +238,13 @@ class _DistillTrainer:
             self.assign_temperature_ = float(d0.min(-1).values.mean().clamp_min(1e-12))
         opt = torch.optim.Adam(params, lr=self.lr)
         val = (qt[val_q], top[val_q, :_VAL_K]) if n_val else None
+        if val is not None and self.loss == "contrastive":
+            # labelled mode: the held-out queries' judged documents are the truth, not the float 10-NN
+            rows = {int(qi): i for i, qi in enumerate(val_q)}
+            truth = [set() for _ in val_q]
+            for qi, di in val_pairs:
+                truth[rows[int(qi)]].add(int(di))
+            val = (qt[val_q], truth) if any(truth) else None
         best_state = (self._val_recall(val, xt, cb, rot, self_rows, val_q), 0,
                       cb.detach().clone(), None if rot is None else rot.detach().clone())
         history, val_history = [], [best_state[0]]
@@ -371,7 +380,8 @@ class _DistillTrainer:
 
     @torch.no_grad()
     def _val_recall(self, val, xt, cb, rot, self_rows, val_q) -> float:
-        """recall@10 of held-out queries under the hard codes against their float 10-NN (nan: none)."""
+        """recall@10 of held-out queries under the hard codes (nan: none): of their float 10-NN, or in
+        labelled mode of their judged documents (queries without any are skipped)."""
         if val is None:
             return float("nan")
         qv, truth = val
@@ -380,9 +390,9 @@ class _DistillTrainer:
         if self_rows is not None:
             sc[torch.arange(len(qv)), torch.from_numpy(self_rows[val_q])] = float("-inf")
         top = torch.topk(sc, _VAL_K, dim=1).indices.numpy()
+        if isinstance(truth[0], set):
+            return float(np.mean([len(set(a.tolist()) & t) / len(t) for a, t in zip(top, truth, strict=True) if t]))
         return float(np.mean([len(set(a) & set(b)) for a, b in zip(top, truth, strict=True)]) / _VAL_K)
-
-
 
 
 
