@@ -17,6 +17,7 @@ from embpress.vectors.codec import (
     register_codec,
     registered_codecs,
 )
+from embpress.vectors.distill import DistilledOPQ, DistilledPQ
 from embpress.vectors.index import Index, attribute_equals, attribute_in
 from embpress.vectors.metric import Metric, SearchResult, as_metric, pairwise_distances
 from embpress.vectors.pq import OptimizedProductQuantizer, ProductQuantizer
@@ -36,6 +37,8 @@ __all__ = [
     "ResidualQuantizer",
     "SignBinarizer",
     "Codec",
+    "DistilledOPQ",
+    "DistilledPQ",
     "ComposedCodec",
     "Float16Codec",
     "Index",

@@ -600,7 +600,8 @@ def build_codec(spec: str, *, seed: int = 0) -> Codec:
     Args:
         spec: one of the registered forms (``fp16``, ``sq8``, ``sq4``, ``bin``, ``rbin{B}``,
             ``itq{B}``, ``pq{M}[x{nbits}]``, ``opq{M}[x{nbits}]``, ``rq{M}[x{nbits}]``, ``pca{d}``,
-            ``mrl{d}``, ``bebr{u}[d{D}]``), or reducers joined before a codec with ``+``.
+            ``mrl{d}``, ``bebr{u}[d{D}]``, ``dvq{M}[x{nbits}]``, ``dopq{M}[x{nbits}]``), or reducers
+            joined before a codec with ``+``.
         seed: seed of every random step (k-means, rotations, BEBR training).
 
     Raises:
