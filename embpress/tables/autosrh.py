@@ -197,8 +197,13 @@ class AutoSrhTable(CompressedTable):
     def stages(self) -> list[Stage]:
         return [Stage("warmup", epochs=self.warmup_epochs),
                 Stage("search", epochs=self.search_epochs, bilevel=True, before=self._start_search,
-                      after=self._prune_hook),
+                      after=self._prune_hook, on_step=self._clip_alpha),
                 Stage("retrain", epochs=self.retrain_epochs)]
+
+    @torch.no_grad()
+    def _clip_alpha(self, ctx: StageContext) -> None:
+        """Projected gradient step: alpha back into [0, 1] after each update (the study clips)."""
+        self.alpha.clamp_(0.0, 1.0)
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.alpha]
@@ -216,9 +221,6 @@ class AutoSrhTable(CompressedTable):
         if phase == 0:
             return None
         if phase == 1:
-            if self.training and torch.is_grad_enabled():
-                with torch.no_grad():
-                    self.alpha.clamp_(0.0, 1.0)  # projected gradient step: clip after each update
             return self.alpha[self._block[rows]]
         return (self.alpha * self.kept)[self._block[rows]]
 

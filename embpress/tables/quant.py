@@ -254,13 +254,14 @@ class PostTrainingQuantized(CompressedTable):
         self.quantize()
         ctx.log(f"{self.method}: quantized to {self.suffix}, {self.serving_bytes():,} serving bytes")
 
-    def _for_inner(self, hook: Callable[[StageContext], None] | None) -> Callable[[StageContext], None] | None:
+    def _for_inner(self, hook: Callable[[StageContext], Any] | None) -> Callable[[StageContext], Any] | None:
         if hook is None:
             return None
         return lambda ctx: hook(dataclasses.replace(ctx, table=self.inner))
 
     def stages(self) -> list[Stage]:
-        inner = [dataclasses.replace(s, before=self._for_inner(s.before), after=self._for_inner(s.after))
+        inner = [dataclasses.replace(s, before=self._for_inner(s.before), after=self._for_inner(s.after),
+                                     on_step=self._for_inner(s.on_step), stop=self._for_inner(s.stop))
                  for s in self.inner.stages()]
         return [*inner, Stage("quantize", epochs=0, early_stopping=False, before=self._quantize_stage)]
 
