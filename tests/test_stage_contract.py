@@ -10,8 +10,8 @@ from torch import nn
 from embpress.data import SyntheticConfig, make_synthetic
 from embpress.models import build_model
 from embpress.tables import Field, ParamGroup, Stage, StageContext, build_table
-from embpress.train import TrainConfig, train
 from embpress.tables.full import FullTable
+from embpress.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
