@@ -387,7 +387,9 @@ class QuantizedServed(ServedTable):
                  spec: dict[str, Any], method: str) -> None:
         super().__init__(fields=fields, dim=dim, arrays=arrays, spec=spec, method=method)
         inner_arrays = {k: v for k, v in arrays.items() if not k.endswith((".codes", ".scale", ".offset"))}
-        for inner_name, (param, shape) in spec["param_of"].items():
+        # quantized parameters (param_of: serving array -> parameter) or quantized serving arrays
+        rebuild = spec["param_of"] if "param_of" in spec else {k: [k, shape] for k, shape in spec["arrays"].items()}
+        for inner_name, (param, shape) in rebuild.items():
             codes = arrays[f"{param}.codes"]
             w = codes.float() * arrays[f"{param}.scale"][:, None] + arrays[f"{param}.offset"][:, None]
             inner_arrays[inner_name] = w.reshape(shape)
@@ -666,7 +668,7 @@ class MGQEServed(ServedTable):
         return torch.stack(out, 1)
 
 
-@register_served("pep", "deeplight")
+@register_served("pep", "deeplight", "magprune")
 class CSRServed(ServedTable):
     """Pruned rows in CSR form: a pointer per 64 rows plus the lengths of the rows before it in its group."""
 
