@@ -128,6 +128,19 @@ def quantized_bytes(table: CompressedTable, suffix: str) -> int:
     return int(other + total)
 
 
+def state_quantized_bound(table: CompressedTable, suffix: str) -> int:
+    """The most a table that does not serve its parameters as stored may need once quantized, if its
+    stages fill its own budget with float arrays: its non-float bytes now, the rest of its budget at
+    ``suffix`` precision, and a scale and offset per float array (each quantized per tensor at worst,
+    see :meth:`PostTrainingQuantized.quantize`)."""
+    code_bytes = np.dtype(_code_dtype(suffix)).itemsize
+    state = table.serving_state()
+    other = sum(np.asarray(v).nbytes for v in state.values() if not _is_float(v))
+    arrays = sum(1 for v in state.values() if _is_float(v))
+    floats = max(0, table.max_bytes - other) // FP32_BYTES
+    return int(other + floats * code_bytes + arrays * ROW_QPARAM_BYTES)
+
+
 class PostTrainingQuantized(CompressedTable):
     """Any float table, trained, then quantized row-wise to int8/int16 (FBGEMM rowwise format).
 
@@ -209,7 +222,10 @@ class PostTrainingQuantized(CompressedTable):
                     f"quantization ({e})" + (f"; its last fit quantized to {nbytes:,} bytes" if nbytes else "")
                     + f", budget {self.max_bytes:,} bytes"
                 ) from None
-            nbytes = quantized_bytes(table, self.suffix)
+            if serves_parameters(table):
+                nbytes = quantized_bytes(table, self.suffix)
+            else:  # its stages may reshape what it serves: size it for the worst case
+                nbytes = state_quantized_bound(table, self.suffix)
             if nbytes <= self.max_bytes:
                 self.inner_budget = None if cls.reference else max(1, int(inner_budget))
                 return table
@@ -233,21 +249,33 @@ class PostTrainingQuantized(CompressedTable):
         return self.inner._lookup(ids)
 
     def serving_bytes(self) -> int:
+        if self.by_state:
+            return int(sum(np.asarray(v).nbytes for v in self.serving_state().values()))
         return quantized_bytes(self.inner, self.suffix)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(state_rows(t.shape, np.dtype(self.code_dtype).itemsize))
 
     def _quantize_state(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Codes, scales and offsets of every float array of the inner serving state."""
-        out = {}
+        """Codes, scales and offsets of every float array of the inner serving state: row-wise
+        (:func:`state_rows`) where the budget holds the rows' scales and offsets (largest arrays
+        first), per tensor otherwise, so that the inner stages cannot push it over the budget."""
+        state = self.inner.serving_state()
         code_bytes = np.dtype(self.code_dtype).itemsize
-        for key, v in self.inner.serving_state().items():
-            if _is_float(v):
-                rows, cols = state_rows(np.shape(v), code_bytes)
-                x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32).reshape(rows, cols))
-                c, sc, o = quantize_rows(x, self.bits)
-                out[key] = (c.numpy().astype(self.code_dtype), sc.numpy(), o.numpy())
+        floats = {k: np.asarray(v) for k, v in state.items() if _is_float(v)}
+        used = sum(np.asarray(v).nbytes for v in state.values() if not _is_float(v))
+        used += sum(v.size * code_bytes + ROW_QPARAM_BYTES for v in floats.values())  # all per tensor
+        shape = {k: (1, v.size) for k, v in floats.items()}
+        for k in sorted(floats, key=lambda k: (-floats[k].size, k)):
+            rows, cols = state_rows(floats[k].shape, code_bytes)
+            extra = (rows - 1) * ROW_QPARAM_BYTES
+            if rows > 1 and used + extra <= self.max_bytes:
+                shape[k], used = (rows, cols), used + extra
+        out = {}
+        for k, v in floats.items():
+            x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32).reshape(shape[k]))
+            c, sc, o = quantize_rows(x, self.bits)
+            out[k] = (c.numpy().astype(self.code_dtype), sc.numpy(), o.numpy())
         return out
 
     def serving_state(self) -> dict[str, np.ndarray]:
