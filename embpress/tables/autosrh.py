@@ -127,7 +127,7 @@ class AutoSrhTable(CompressedTable):
             )
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
         nn.init.normal_(self.weight.weight, std=INIT_STD)
-        self.alpha = nn.Parameter(torch.ones(nsplit, dim))
+        self.alpha = nn.Parameter(torch.ones(nsplit, dim), requires_grad=False)  # trained in the search only
         block = np.zeros(self.total_ids, dtype=np.int64)
         for i, off in enumerate(self._offsets.tolist()):
             for b in range(nsplit):
@@ -172,6 +172,11 @@ class AutoSrhTable(CompressedTable):
 
     def _start_search(self, ctx: StageContext) -> None:
         self.phase.fill_(1)
+        self.alpha.requires_grad_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.alpha.requires_grad_(int(self.phase) == 1)
 
     def salience(self) -> torch.Tensor:
         """``float32[nsplit, D]``: ``alpha[b, d]`` times the mean ``|w[:, d]|`` over block ``b``'s rows,
