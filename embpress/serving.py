@@ -387,7 +387,9 @@ class QuantizedServed(ServedTable):
                  spec: dict[str, Any], method: str) -> None:
         super().__init__(fields=fields, dim=dim, arrays=arrays, spec=spec, method=method)
         inner_arrays = {k: v for k, v in arrays.items() if not k.endswith((".codes", ".scale", ".offset"))}
-        for inner_name, (param, shape) in spec["param_of"].items():
+        # quantized parameters (param_of: serving array -> parameter) or quantized serving arrays
+        rebuild = spec["param_of"] if "param_of" in spec else {k: [k, shape] for k, shape in spec["arrays"].items()}
+        for inner_name, (param, shape) in rebuild.items():
             codes = arrays[f"{param}.codes"]
             w = codes.float() * arrays[f"{param}.scale"][:, None] + arrays[f"{param}.offset"][:, None]
             inner_arrays[inner_name] = w.reshape(shape)
@@ -631,16 +633,17 @@ class MGQEServed(ServedTable):
     """Per quantized field: codes of frequent ids into all centroids, of the others into the first few."""
 
     def setup(self) -> None:
-        self.ranks: dict[str, torch.Tensor] = {}
-        for name in self.field_names:
-            if f"{name}/high_mask" in self._names:
-                n = int(self._sizes[self.field_names.index(name)])
-                mask = torch.from_numpy(np.unpackbits(self.array(f"{name}/high_mask").numpy(), count=n,
-                                                      bitorder="little").astype(bool))
-                rank = torch.where(mask, torch.cumsum(mask, 0) - 1, torch.cumsum(~mask, 0) - 1)
-                self.register_buffer(f"_mask_{len(self.ranks)}", mask, persistent=False)
-                self.register_buffer(f"_rank_{len(self.ranks)}", rank, persistent=False)
-                self.ranks[name] = torch.tensor(len(self.ranks))
+        self.register_buffer("_popcount", _POPCOUNT8.clone(), persistent=False)
+
+    def _high_rank(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whether ids ``x`` are frequent, and their row among the frequent (or the rare) ids, from the
+        stored bitmap words and the rank per word (no per-id index is built)."""
+        words = self.array(f"{name}/high_mask").view(torch.int64)[x >> 6]
+        high = ((words >> (x & 63)) & 1).bool()
+        below = words & ((torch.ones_like(x) << (x & 63)) - 1)
+        before = self.array(f"{name}/high_rank").long()[x >> 6] + \
+            self._popcount[below.unsqueeze(-1).contiguous().view(torch.uint8).long()].sum(-1)
+        return high, torch.where(high, before, x - before)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         out = []
@@ -650,9 +653,8 @@ class MGQEServed(ServedTable):
             if f"{name}/rows" in self._names:
                 out.append(nn.functional.embedding(x, self.array(f"{name}/rows")))
                 continue
-            if name in self.ranks:
-                i = int(self.ranks[name])
-                high, rank = getattr(self, f"_mask_{i}")[x], getattr(self, f"_rank_{i}")[x]
+            if f"{name}/high_mask" in self._names:
+                high, rank = self._high_rank(name, x)
             else:
                 n_high = int(self.spec["num_high"][name])
                 high, rank = x < n_high, torch.where(x < n_high, x, x - n_high)
@@ -666,7 +668,7 @@ class MGQEServed(ServedTable):
         return torch.stack(out, 1)
 
 
-@register_served("pep", "deeplight")
+@register_served("pep", "deeplight", "magprune")
 class CSRServed(ServedTable):
     """Pruned rows in CSR form: a pointer per 64 rows plus the lengths of the rows before it in its group."""
 

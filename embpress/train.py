@@ -14,6 +14,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from embpress.atomic import atomic_open
 from embpress.data.schema import CTRDataset, Split
 from embpress.models.base import CTRModel
 from embpress.optim import RowSparseAdam
-from embpress.tables.base import Stage, StageContext
+from embpress.tables.base import ParamGroup, Stage, StageContext
 
 
 @dataclass(frozen=True)
@@ -131,31 +132,59 @@ def evaluate(model: CTRModel, split: Split, batch_size: int = 16384) -> tuple[fl
 
 
 class _Optimizers:
-    """RowSparseAdam for sparse-gradient parameters, Adam for the others, Adam for arch parameters."""
+    """RowSparseAdam for sparse-gradient parameters, Adam for the others, Adam for arch parameters,
+    and one optimiser per :class:`ParamGroup` a stage names (its parameters leave the defaults)."""
 
-    def __init__(self, model: CTRModel, cfg: TrainConfig) -> None:
+    def __init__(self, model: CTRModel, cfg: TrainConfig, groups: Sequence[ParamGroup] = ()) -> None:
         table = model.table
+        grouped: dict[int, str] = {}
+        for g in groups:
+            for p in g.params:
+                if id(p) in grouped:
+                    raise ValueError(f"{table.method}: a parameter is in parameter groups {grouped[id(p)]!r} "
+                                     f"and {g.name!r}; name each parameter once")
+                grouped[id(p)] = g.name
         arch = {id(p) for p in table.arch_parameters()}
-        sparse = [p for p in table.sparse_parameters() if p.requires_grad]
-        sparse_ids = {id(p) for p in sparse}
+        sparse = [p for p in table.sparse_parameters() if p.requires_grad and id(p) not in grouped]
+        sparse_ids = {id(p) for p in table.sparse_parameters()}
         dense = [p for p in model.parameters()
-                 if p.requires_grad and id(p) not in sparse_ids and id(p) not in arch]
+                 if p.requires_grad and id(p) not in sparse_ids and id(p) not in arch and id(p) not in grouped]
         self.opts: list[torch.optim.Optimizer] = []
         if sparse:
             self.opts.append(RowSparseAdam(sparse, lr=cfg.sparse_lr))
         if dense:
             self.opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True))
-        arch_params = [p for p in table.arch_parameters() if p.requires_grad]
-        self.arch = torch.optim.Adam(arch_params, lr=cfg.arch_lr) if arch_params else None
+        self.arch_opts: list[torch.optim.Optimizer] = []
+        arch_params = [p for p in table.arch_parameters() if p.requires_grad and id(p) not in grouped]
+        if arch_params:
+            self.arch_opts.append(torch.optim.Adam(arch_params, lr=cfg.arch_lr))
+        for g in groups:
+            params = [p for p in g.params if p.requires_grad]
+            if not params:
+                continue
+            lr = cfg.lr if g.lr is None else g.lr
+            if g.optimizer == "sgd":
+                opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, weight_decay=g.weight_decay)
+            elif any(id(p) in sparse_ids for p in params):
+                if g.weight_decay:
+                    raise ValueError(f"{table.method}: parameter group {g.name!r} has sparse-gradient parameters "
+                                     "and weight_decay; Adam with weight decay needs dense gradients")
+                opt = RowSparseAdam(params, lr=lr)
+            else:
+                opt = torch.optim.Adam(params, lr=lr, weight_decay=g.weight_decay)
+            (self.arch_opts if g.bilevel else self.opts).append(opt)
+        self.arch = bool(self.arch_opts)
 
     def zero_grad(self) -> None:
-        for o in self.opts:
+        for o in (*self.opts, *self.arch_opts):
             o.zero_grad(set_to_none=True)
-        if self.arch is not None:
-            self.arch.zero_grad(set_to_none=True)
 
     def step(self) -> None:
         for o in self.opts:
+            o.step()
+
+    def arch_step(self) -> None:
+        for o in self.arch_opts:
             o.step()
 
 
@@ -192,7 +221,8 @@ class Trainer:
             evaluate=lambda: evaluate(self.model, self.data.valid, self.cfg.eval_batch_size)[0],
             train_batches=lambda: self.data.train.batches(self.cfg.batch_size, shuffle=True, generator=self.gen),
             valid_batches=lambda: self.data.valid.batches(self.cfg.batch_size, shuffle=True, generator=self.gen),
-            generator=self.gen, log=self.log,
+            generator=self.gen, log=self.log, config=self.cfg, batch_size=self.cfg.batch_size,
+            train_rows=len(self.data.train),
         )
 
     def fit(self) -> TrainResult:
@@ -230,12 +260,13 @@ class Trainer:
         if cfg.max_steps_per_epoch is not None:
             steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
         total_steps = epochs * steps_per_epoch
+        ctx.total_steps, ctx.steps_per_epoch = total_steps, steps_per_epoch
         eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
         history: list[dict] = []
         best_auc, best_state, bad_evals = -math.inf, None, 0
         samples, train_time = 0, 0.0
         if total_steps > 0:
-            opt = _Optimizers(model, cfg)
+            opt = _Optimizers(model, cfg, stage.groups() if stage.groups is not None else ())
             batches = _infinite(self.data.train, cfg.batch_size, self.gen)
             vbatches = _infinite(self.data.valid, cfg.batch_size, self.gen) if stage.bilevel else None
             model.train()
@@ -252,16 +283,28 @@ class Trainer:
                         )
                     loss.backward()
                     opt.step()
-                    if vbatches is not None and opt.arch is not None:
+                    if vbatches is not None and opt.arch:
                         vd, vi, vy = next(vbatches)
                         opt.zero_grad()
                         _loss(model, vd, vi, vy).backward()
-                        opt.arch.step()
+                        opt.arch_step()
                     samples += len(y)
+                    ctx.step = step
+                    if stage.on_step is not None:
+                        stage.on_step(ctx)
+                    stopped = stage.stop is not None and bool(stage.stop(ctx))
                     if step % 50 == 0 or step == total_steps:
                         now = time.perf_counter()
                         prog.update(task, completed=step,
                                     info=f"loss {loss.item():.4f}  {samples / (train_time + now - tick):,.0f} samples/s")
+                    if stopped:
+                        train_time += time.perf_counter() - tick
+                        best_state = None  # the stage asked to stop here: keep this state
+                        self.log(f"{stage.name}: stop condition met at step {step} "
+                                 f"(epoch {step / steps_per_epoch:.2f})")
+                        history.append({"stage": stage.name, "step": step, "epoch": step / steps_per_epoch,
+                                        "stopped": True})
+                        break
                     if step % eval_every == 0 or step == total_steps:
                         train_time += time.perf_counter() - tick
                         auc, ll = evaluate(model, self.data.valid, cfg.eval_batch_size)

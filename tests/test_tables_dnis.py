@@ -123,8 +123,8 @@ def test_search_clips_alpha_and_penalizes_it():
     with torch.no_grad():
         t.alpha.fill_(1.5)
         t.alpha[0, 0] = -0.2
-    t.train()
-    t(torch.tensor([[1, 2, 3]]))
+    search = t.stages()[0]
+    search.on_step(None)  # what the trainer calls after each step of the search stage
     assert t.alpha.min() == 0 and t.alpha.max() == 1
     assert t.regularizer().item() == pytest.approx(1e-3 * float(t.alpha.detach().abs().sum()))
     assert t.arch_parameters() == [t.alpha]

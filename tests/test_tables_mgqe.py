@@ -28,7 +28,8 @@ def _decode(state: dict[str, np.ndarray], fields, dim: int, high_bits: int, low_
         cb = state[f"{f.name}/codebook"]  # [P, K, pd]
         p = cb.shape[0]
         if f"{f.name}/high_mask" in state:
-            high = np.unpackbits(state[f"{f.name}/high_mask"], count=f.num_embeddings, bitorder="little").astype(bool)
+            high = np.unpackbits(state[f"{f.name}/high_mask"].view(np.uint8), count=f.num_embeddings,
+                                 bitorder="little").astype(bool)
         else:
             high = np.zeros(f.num_embeddings, dtype=bool)
             high[: math.ceil(0.1 * f.num_embeddings)] = True
@@ -122,9 +123,12 @@ def test_non_prefix_frequent_ids_store_a_mask():
     fields = [Field("x", 4000, counts)]
     t = _table(fields, budget=Ratio(4), parts=4)
     state = t.serving_state()
-    assert "x/high_mask" in state and state["x/high_mask"].nbytes == 500
+    assert "x/high_mask" in state and state["x/high_mask"].nbytes == 63 * 8  # 4000 bits in uint64 words
+    assert state["x/high_rank"].dtype == np.int32 and state["x/high_rank"].nbytes == 63 * 4  # counted rank index
     assert t.serving_bytes() == state_nbytes(state)
-    high = np.unpackbits(state["x/high_mask"], count=4000, bitorder="little").astype(bool)
+    high = np.unpackbits(state["x/high_mask"].view(np.uint8), count=4000, bitorder="little").astype(bool)
+    np.testing.assert_array_equal(state["x/high_rank"], np.concatenate([[0], np.cumsum(
+        np.add.reduceat(np.pad(high, (0, 32)), np.arange(0, 4032, 64)))[:-1]]))
     assert high.sum() == 400 and (counts[high] == 10).all()
     t.eval()
     with torch.no_grad():
@@ -208,3 +212,17 @@ def test_codebook_loss_equals_direct_mean(parts):
     torch.testing.assert_close(reg, direct, rtol=1e-5, atol=1e-10)
     g_reg, g_direct = (torch.autograd.grad(x, t.codebook)[0] for x in (reg, direct))
     torch.testing.assert_close(g_reg, g_direct, rtol=1e-4, atol=1e-9)
+
+
+def test_non_prefix_mask_is_served_from_the_bitmap_and_rank_index(tmp_path):
+    from embpress import serving
+
+    counts = np.array([1, 9, 2, 8, 3, 7, 4, 6, 5, 10] * 400)
+    torch.manual_seed(0)
+    t = _table([Field("x", 4000, counts), Field("y", 300)], budget=Ratio(4), parts=4).eval()
+    t.save_serving(tmp_path / "m.safetensors")
+    served = serving.load(tmp_path / "m.safetensors")
+    ids = torch.stack([torch.arange(4000), torch.arange(4000) % 300], 1)
+    with torch.no_grad():
+        assert torch.equal(served(ids), t(ids))
+    assert served.serving_bytes() == t.serving_bytes()

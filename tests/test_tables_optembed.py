@@ -202,3 +202,33 @@ def test_stages_supernet_search_retrain():
     res = train(model, data, TrainConfig(epochs=1, batch_size=256, progress=False))
     assert [s.name for s in res.stages] == ["supernet", "search", "retrain"]
     assert int(table.stage) == RETRAIN and table.serving_bytes() <= table.full_bytes / 3
+
+
+def test_rows_kept_respond_to_alpha_monotonically():
+    """The thresholds have their own plain SGD (reference: SGD at t_lr): a larger alpha lifts them
+    further and keeps fewer rows; alpha 0 keeps every row after as many steps."""
+    data = make_synthetic(SyntheticConfig(rows=3000, num_dense=2, num_fields=3, min_cardinality=10,
+                                          max_cardinality=300, seed=3))
+    kept, thresholds = [], []
+    for alpha in (0.0, 1e-3, 1e-2, 1e-1):
+        torch.manual_seed(0)
+        t = OptEmbedTable(fields=data.fields, dim=8, budget=None, alpha=alpha, threshold_lr=1.0, supernet_epochs=2)
+        t.stages = lambda t=t: OptEmbedTable.stages(t)[:1]  # the supernet stage (and its row prune) only
+        model = build_model("dlrm", table=t, num_dense=2, bottom=(8,), top=(8,))
+        train(model, data, TrainConfig(epochs=1, batch_size=256, progress=False))
+        kept.append(int(t.row_keep.sum()))
+        thresholds.append(float(t.threshold.mean()))
+    assert kept[0] == t.total_ids and kept[-1] < kept[0], kept
+    assert all(a >= b for a, b in zip(kept, kept[1:], strict=False)), kept
+    assert all(a < b for a, b in zip(thresholds, thresholds[1:], strict=False)), thresholds
+
+
+def test_threshold_is_trained_by_its_own_sgd():
+    """The supernet stage names the thresholds as their own plain-SGD group (the trainer runs it:
+    tests/test_stage_contract.py checks what a group optimiser does)."""
+    from embpress.tables import ParamGroup
+
+    t = _table(alpha=0.5, threshold_lr=0.01)
+    (group,) = t.stages()[0].groups()
+    assert isinstance(group, ParamGroup) and group.optimizer == "sgd" and group.lr == 0.01
+    assert group.params[0] is t.threshold

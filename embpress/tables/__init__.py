@@ -16,6 +16,7 @@ from embpress.tables.base import (
     CompressedTable,
     Embedding,
     Field,
+    ParamGroup,
     Ratio,
     Stage,
     StageContext,
@@ -49,7 +50,7 @@ from embpress.tables.unified import UnifiedTable
 
 __all__ = [
     "Budget", "BudgetError", "CompressedTable", "Embedding", "Field", "FullTable", "HashTable",
-    "NoIdTable", "Ratio", "Stage", "StageContext", "build_table", "full_table_bytes", "method_family", "parse_budget",
+    "NoIdTable", "ParamGroup", "Ratio", "Stage", "StageContext", "build_table", "full_table_bytes", "method_family", "parse_budget",
     "register_table", "registered_tables", "table_class",
     "QRTable", "UnifiedTable", "PostTrainingQuantized", "Int8Table", "Int16Table",
     "TTTable",

@@ -18,8 +18,10 @@ How it runs in one trainer without fp32 shadow weights:
 - The step sizes are a sparse parameter ``log_step`` (``delta = exp(log_step)``), updated by the
   trainer's SparseAdam from the LSQ gradient that the same backward returns.
 - The updated rows wait in a pending buffer (batch-sized) until the trainer has stepped
-  ``log_step``; the next lookup, ``state_dict()`` or ``serving_state()`` writes them back as
-  codes with the new step sizes (Algorithm 1's order: update ``w``, then ``delta``, then re-quantize).
+  ``log_step``; the stage's per-step hook (``Stage.on_step``, after the trainer's optimiser
+  step) writes them back as codes with the new step sizes (Algorithm 1's order: update ``w``, then
+  ``delta``, then re-quantize). Outside the trainer, the next lookup, ``state_dict()`` or
+  ``serving_state()`` does the same.
 
 So a backward pass through a training-mode lookup IS a training step of those rows (as the
 optimizer step is for other tables); evaluation (eval mode or ``torch.no_grad``) is not. The LSQ
@@ -42,6 +44,8 @@ from embpress.tables.base import (
     BudgetError,
     CompressedTable,
     Field,
+    Stage,
+    StageContext,
     register_table,
     to_numpy,
 )
@@ -212,6 +216,12 @@ class ALPTTable(CompressedTable):
         log_step = self.log_step(rows)  # [U, 1], sparse gradient for the trainer
         values = self.codes[rows].float() * log_step.detach().exp()
         return _RowUpdate.apply(log_step, values, self, rows)[inverse]
+
+    def stages(self) -> list[Stage]:
+        return [Stage("train", on_step=self._requantize)]
+
+    def _requantize(self, ctx: StageContext) -> None:
+        self.flush()
 
     def serving_bytes(self) -> int:
         return self._bytes(self.bits_)

@@ -127,7 +127,7 @@ class AutoSrhTable(CompressedTable):
             )
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
         nn.init.normal_(self.weight.weight, std=INIT_STD)
-        self.alpha = nn.Parameter(torch.ones(nsplit, dim))
+        self.alpha = nn.Parameter(torch.ones(nsplit, dim), requires_grad=False)  # trained in the search only
         block = np.zeros(self.total_ids, dtype=np.int64)
         for i, off in enumerate(self._offsets.tolist()):
             for b in range(nsplit):
@@ -172,6 +172,11 @@ class AutoSrhTable(CompressedTable):
 
     def _start_search(self, ctx: StageContext) -> None:
         self.phase.fill_(1)
+        self.alpha.requires_grad_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.alpha.requires_grad_(int(self.phase) == 1)
 
     def salience(self) -> torch.Tensor:
         """``float32[nsplit, D]``: ``alpha[b, d]`` times the mean ``|w[:, d]|`` over block ``b``'s rows,
@@ -197,8 +202,13 @@ class AutoSrhTable(CompressedTable):
     def stages(self) -> list[Stage]:
         return [Stage("warmup", epochs=self.warmup_epochs),
                 Stage("search", epochs=self.search_epochs, bilevel=True, before=self._start_search,
-                      after=self._prune_hook),
+                      after=self._prune_hook, on_step=self._clip_alpha),
                 Stage("retrain", epochs=self.retrain_epochs)]
+
+    @torch.no_grad()
+    def _clip_alpha(self, ctx: StageContext) -> None:
+        """Projected gradient step: alpha back into [0, 1] after each update (the study clips)."""
+        self.alpha.clamp_(0.0, 1.0)
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.alpha]
@@ -216,9 +226,6 @@ class AutoSrhTable(CompressedTable):
         if phase == 0:
             return None
         if phase == 1:
-            if self.training and torch.is_grad_enabled():
-                with torch.no_grad():
-                    self.alpha.clamp_(0.0, 1.0)  # projected gradient step: clip after each update
             return self.alpha[self._block[rows]]
         return (self.alpha * self.kept)[self._block[rows]]
 

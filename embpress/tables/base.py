@@ -127,11 +127,52 @@ def budget_bytes(budget: Budget, full_bytes: int) -> int:
 # ----------------------------------------------------------------------------- stages
 
 
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters a stage trains with their own optimiser instead of the trainer's default.
+
+    Args:
+        name: shown in errors and logs (``thresholds``, ``alpha``).
+        params: the parameters; each may belong to one group of a stage only, and the group's
+            parameters are left out of the trainer's default optimisers (and of ``arch_parameters``).
+        optimizer: ``"adam"`` (torch Adam; coupled L2 ``weight_decay`` as torch's) or ``"sgd"``
+            (plain SGD, no momentum).
+        lr: learning rate; None means the trainer's ``TrainConfig.lr``.
+        weight_decay: L2 penalty of the optimiser (torch's ``weight_decay``).
+        bilevel: step this group on validation batches (with ``arch_parameters``) instead of
+            training batches; only meaningful in a bilevel stage.
+    """
+
+    name: str
+    params: Sequence[nn.Parameter]
+    optimizer: str = "adam"
+    lr: float | None = None
+    weight_decay: float = 0.0
+    bilevel: bool = False
+
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("adam", "sgd")
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in self.OPTIMIZERS:
+            raise ValueError(f"ParamGroup {self.name!r}: optimizer must be one of {self.OPTIMIZERS}, "
+                             f"got {self.optimizer!r}")
+        if self.lr is not None and not (isinstance(self.lr, int | float) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"ParamGroup {self.name!r}: lr must be a positive number or None, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, int | float) and self.weight_decay >= 0):
+            raise ValueError(f"ParamGroup {self.name!r}: weight_decay must be a number >= 0, "
+                             f"got {self.weight_decay!r}")
+
+
 @dataclass
 class StageContext:
-    """What a stage hook may use: the model, the data loaders and an evaluation function.
+    """What a stage hook may use: the model, the data loaders, an evaluation function, the training
+    configuration and where the stage stands.
 
     ``evaluate()`` returns validation AUC of the current model (used by search stages).
+    ``config`` is the trainer's ``TrainConfig`` (None outside a trainer). ``step`` counts the
+    optimiser steps of the stage so far (1 in the first ``on_step`` call), ``total_steps`` is the
+    stage's planned number, ``steps_per_epoch`` the steps of one epoch and ``batch_size`` the
+    training batch size; they are 0 before the stage plans its steps (in ``before``).
     """
 
     model: nn.Module
@@ -141,6 +182,12 @@ class StageContext:
     valid_batches: Callable[[], Any]
     generator: torch.Generator
     log: Callable[[str], None] = print
+    config: Any = None
+    step: int = 0
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+    batch_size: int = 0
+    train_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,12 +197,21 @@ class Stage:
     Args:
         name: shown in progress and records (``train``, ``search``, ``retrain``, ``quantize``).
         epochs: epochs to train; None means the trainer's default (with early stopping); 0 trains nothing.
+            With ``stop`` set it is the most epochs the stage may take.
         bilevel: alternate a model step on a training batch with a step of
             ``table.arch_parameters()`` on a validation batch (DARTS, first order).
         reset_head: restore the model head (everything but the table) to its initial weights
             before the stage, as lottery-ticket style retraining does.
         early_stopping: keep the best validation state and stop when it stops improving.
         before, after: hooks called with a :class:`StageContext` around the stage.
+        on_step: called after every optimiser step (after the bilevel step too) with the
+            context, ``ctx.step`` set: projections (clip to a range), schedules (gradual
+            pruning), re-quantization.
+        stop: checked after every step (after ``on_step``); True ends the stage there, e.g.
+            "until the target sparsity". Early stopping's best-state restore does not apply to a
+            stage that ``stop`` ended (the state it stopped at is the one it asked for).
+        groups: called at the stage's start (after ``before``) to name parameter groups with
+            their own optimiser (:class:`ParamGroup`); the rest get the trainer's defaults.
     """
 
     name: str
@@ -165,6 +221,9 @@ class Stage:
     early_stopping: bool = True
     before: Callable[[StageContext], None] | None = None
     after: Callable[[StageContext], None] | None = None
+    on_step: Callable[[StageContext], None] | None = None
+    stop: Callable[[StageContext], bool] | None = None
+    groups: Callable[[], Sequence[ParamGroup]] | None = None
 
 
 # ----------------------------------------------------------------------------- registry

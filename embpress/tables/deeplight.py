@@ -16,13 +16,13 @@ Schedules (``schedule``):
 - ``exponential``: the reference code's ``s * (1 - 0.99 ** (t / 100))``; with few steps it stays
   far below ``s``, and the end of the stage prunes the rest at once.
 
-``T`` comes from the training-set size (``sum(Field.counts)`` of the first field; counted from
-the training batches when counts are unknown) and the batch size of the first pruning step.
+``t`` and ``T`` are the prune stage's step and planned steps, which the trainer passes to the
+stage's per-step hook (:class:`~embpress.tables.base.Stage` ``on_step``), called after each
+optimiser step as in the reference.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -86,10 +86,6 @@ class DeepLightTable(CompressedTable):
         nn.init.normal_(self.weight.weight, std=INIT_STD)
         self.register_buffer("mask", torch.ones(self.total_ids, dim, dtype=torch.bool))
         self.register_buffer("pruned", torch.tensor(False))
-        self._pruning = False
-        self._step = 0
-        self._train_rows: int | None = None
-        self._total_steps: int | None = None
 
     # -- pruning --------------------------------------------------------------------------------
 
@@ -107,41 +103,30 @@ class DeepLightTable(CompressedTable):
         self.mask.copy_(keep_top(score, keep))
         self.weight.weight.mul_(self.mask)
 
-    def _maybe_prune(self, batch_size: int) -> None:
-        self._step += 1
-        if self._total_steps is None:
-            rows = self._train_rows if self._train_rows is not None else batch_size
-            self._total_steps = max(1, self.prune_epochs * math.ceil(rows / batch_size))
-        t = self._step
-        if t % self.prune_every == 0 or t == self._total_steps:
-            s_t = self.sparsity_at(t, self._total_steps)
+    def prune_step_(self, t: int, total: int) -> None:
+        """After optimiser step ``t`` of ``total``: prune to the scheduled sparsity every
+        ``prune_every`` steps and at the last step."""
+        if t % self.prune_every == 0 or t == total:
+            s_t = self.sparsity_at(t, max(1, total))
             self.prune_to_(round((1.0 - s_t) * self.total_ids * self.dim))
 
-    def _start_pruning(self, ctx: StageContext) -> None:
-        counts = self.fields[0].counts
-        if counts is not None:
-            self._train_rows = int(np.asarray(counts).sum())
-        else:  # unknown training size: count it once
-            self._train_rows = sum(len(y) for _, _, y in ctx.train_batches())
-        self._pruning, self._step, self._total_steps = True, 0, None
+    def _prune_step(self, ctx: StageContext) -> None:
+        self.prune_step_(ctx.step, ctx.total_steps)
 
     def _finish_pruning(self, ctx: StageContext) -> None:
-        self._pruning = False
         self.prune_to_(self.nnz_)
         self.pruned.fill_(True)
-        ctx.log(f"deeplight: kept {self.nnz_:,} of {self.total_ids * self.dim:,} entries after {self._step} steps")
+        ctx.log(f"deeplight: kept {self.nnz_:,} of {self.total_ids * self.dim:,} entries after {ctx.step} steps")
 
     def stages(self) -> list[Stage]:
         return [Stage("warmup", epochs=self.warmup_epochs),
-                Stage("prune", epochs=self.prune_epochs, early_stopping=False,
-                      before=self._start_pruning, after=self._finish_pruning),
+                Stage("prune", epochs=self.prune_epochs, early_stopping=False, on_step=self._prune_step,
+                      after=self._finish_pruning),
                 Stage("finetune", epochs=self.finetune_epochs)]
 
     # -- contract -------------------------------------------------------------------------------
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._pruning and self.training and torch.is_grad_enabled():
-            self._maybe_prune(ids.shape[0])
         gid = self.global_ids(ids)
         return self.weight(gid) * self.mask[gid]
 

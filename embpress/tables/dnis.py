@@ -76,7 +76,7 @@ class DNISTable(CompressedTable):
     (:func:`equal_blocks`). A full ``[N, D]`` table is trained with a soft selection layer: the row of
     an id in block ``b`` is multiplied elementwise by ``alpha_b in [0, 1]^D`` (the soft selection layer), initialised
     to 1. Stage ``search`` (bilevel) updates ``alpha`` on validation batches (first-order DARTS);
-    ``alpha`` is projected back to ``[0, 1]`` before each training forward (the reference clips), and
+    ``alpha`` is projected back to ``[0, 1]`` after each step (the stage's ``on_step``; the reference clips), and
     ``l1 * sum |alpha|`` is added to the loss (sparsity, as the reference). Then the weights are pruned
     to the budget (:func:`select_entries` on :meth:`salience`, ``alpha`` times the block's mean
     ``|w|`` per dim: one column of each field's most frequent block first, then the most salient
@@ -193,19 +193,22 @@ class DNISTable(CompressedTable):
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         g = self.global_ids(ids)
-        if self.training and self.alpha.requires_grad:
-            with torch.no_grad():
-                self.alpha.clamp_(0, 1)  # projected gradient step, as the reference's clip
         sel = self.alpha.clamp(0, 1) if self.alpha.requires_grad else self.mask.to(self.weight.weight.dtype)
         return self.weight(g) * sel[self.block_of(g)]
 
     # -- stages -------------------------------------------------------------------------------
 
     def stages(self) -> list[Stage]:
-        stages = [Stage("search", epochs=self.search_epochs, bilevel=True, after=self._prune_hook)]
+        stages = [Stage("search", epochs=self.search_epochs, bilevel=True, after=self._prune_hook,
+                        on_step=self._clip_alpha)]
         if self.finetune_epochs != 0:
             stages.append(Stage("finetune", epochs=self.finetune_epochs))
         return stages
+
+    @torch.no_grad()
+    def _clip_alpha(self, ctx: StageContext) -> None:
+        """Projected gradient step: alpha back into [0, 1] after each update, as the reference's clip."""
+        self.alpha.clamp_(0, 1)
 
     def _prune_hook(self, ctx: StageContext) -> None:
         self.prune_()

@@ -75,7 +75,8 @@ class DPQTable(CompressedTable):
     (4, 64, True)
     """
 
-    family = "intra"
+    family = "inter"
+    """Every id's vector is read from value codebooks shared by all ids (as MGQE's): inter-feature."""
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, parts: int | None = None,
                  choices: int | None = None, mode: str = "vq", batch_norm: bool = True, commitment: float = 0.0,

@@ -201,8 +201,8 @@ class MGQETable(CompressedTable):
         nbytes = high * self.dim * FP32_BYTES  # P codebooks of `high` centroids of D/P floats
         nbytes += packed_bytes(n_high * parts, code_bits(high))
         nbytes += packed_bytes((n - n_high) * parts, code_bits(low))
-        if not self._prefix[i]:
-            nbytes += packed_bytes(n, 1)
+        if not self._prefix[i]:  # the frequent-id bitmap (uint64 words) and its rank index (int32 per word)
+            nbytes += -(-n // 64) * (8 + 4)
         return nbytes
 
     def _plan(self, parts: int, high: int, low: int) -> _Plan:
@@ -353,8 +353,10 @@ class MGQETable(CompressedTable):
 
     def serving_state(self) -> dict[str, np.ndarray]:
         """Per quantized field ``<name>/codebook`` (fp32 ``[P, K, D/P]``), ``<name>/codes_high`` and
-        ``<name>/codes_low`` (bit-packed codes in id order, ``P`` per id), ``<name>/high_mask`` only
-        for a non-prefix frequent set; per other field ``<name>/rows`` (fp32 ``[n, D]``)."""
+        ``<name>/codes_low`` (bit-packed codes in id order, ``P`` per id), only for a non-prefix frequent
+        set ``<name>/high_mask`` (uint64 words, bit ``i % 64`` of word ``i // 64`` set for a frequent
+        id) and ``<name>/high_rank`` (int32, frequent ids before each word: an id's code row is found
+        with one popcount); per other field ``<name>/rows`` (fp32 ``[n, D]``)."""
         state: dict[str, np.ndarray] = {}
         codes = self.encode_().cpu().numpy().astype(np.int64) if self._q_fields else None
         hb, lb = code_bits(self.high_choices_), code_bits(self.low_choices_)
@@ -366,7 +368,12 @@ class MGQETable(CompressedTable):
             state[f"{f.name}/codes_high"] = pack_codes(fc[mask], hb)
             state[f"{f.name}/codes_low"] = pack_codes(fc[~mask], lb)
             if not self._prefix[i]:
-                state[f"{f.name}/high_mask"] = np.packbits(mask, bitorder="little")
+                words = -(-f.num_embeddings // 64)
+                bits = np.zeros(words * 64, dtype=bool)
+                bits[: f.num_embeddings] = mask
+                state[f"{f.name}/high_mask"] = np.packbits(bits, bitorder="little").view("<u8")
+                per_word = bits.reshape(words, 64).sum(1)
+                state[f"{f.name}/high_rank"] = (np.cumsum(per_word) - per_word).astype(np.int32)
         for j, i in enumerate(self._f_fields):
             f = self.fields[i]
             off = int(self._f_offsets[j])

@@ -15,6 +15,7 @@ from embpress.tables.base import (
     Budget,
     CompressedTable,
     Field,
+    ParamGroup,
     Stage,
     StageContext,
     register_table,
@@ -109,7 +110,7 @@ def evolve(evaluate: Callable[[np.ndarray], float], *, num_fields: int, dim: int
                 if fits(c):
                     children.append(c)
                     break
-        pop = pop[:keep_num] + children
+        pop = (pop[:keep_num] + children) or pop[:1]  # keep_num 0 and no child fits: the best goes on
     return best, best_score
 
 
@@ -122,7 +123,10 @@ class OptEmbedTable(CompressedTable):
        ``e * BinaryStep(||e||_1 - t_f)`` (:class:`BinaryStep`'s straight-through gradient), with a
        learned threshold ``t_f`` per field (init 0), and in training a random dimension prefix mask
        per sample and field (dim uniform in ``1..D``). The loss adds
-       ``alpha * sum_f exp(-t_f)`` (:meth:`regularizer`). Afterwards the rows with
+       ``alpha * sum_f exp(-t_f)`` (:meth:`regularizer`). The thresholds are trained by their own
+       plain SGD at ``threshold_lr`` (a stage parameter group; reference ``utils/train_help.py``
+       ``get_optimizer``: SGD at ``t_lr`` = 3e-4; the study uses 1e-4), the rest by the trainer's
+       optimisers, so the rows pruned follow ``alpha``, not the number of Adam steps. Afterwards the rows with
        ``||e||_1 > t_f`` are kept; if they exceed the budget at dim 1, the rows with the smallest
        margin ``||e||_1 - t_f`` are pruned as well until they fit (this is the only budget step the
        paper lacks: its thresholds set the row count alone).
@@ -137,11 +141,14 @@ class OptEmbedTable(CompressedTable):
 
     Args:
         alpha: weight of the threshold regularizer ``sum_f exp(-t_f)``.
+        threshold_lr: learning rate of the thresholds' plain SGD (reference default 3e-4).
         supernet_epochs: epochs of the supernet stage (default 1, CTR models peak within an epoch;
             None: the trainer's default).
         retrain_epochs: epochs of the retrain stage (None: the trainer's default).
         search_iterations: iterations of the evolutionary search.
-        keep_num, mutation_num, crossover_num, mutation_prob: evolutionary search settings (paper's).
+        keep_num, mutation_num, crossover_num, mutation_prob: evolutionary search settings (the
+            reference's defaults: ``keep_num`` 0, so each generation is the 10 mutations and 10
+            crossovers of the last one's best; the best candidate seen is kept aside).
         seed: seed of the dimension masks and of the search.
 
     Serving state: ``{field}.weight [kept_f, d_f]`` fp32 per field; ``keep_bits`` uint64
@@ -164,11 +171,12 @@ class OptEmbedTable(CompressedTable):
     family = "intra"
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, alpha: float = 3e-4,
-                 supernet_epochs: int | None = 1, retrain_epochs: int | None = None, search_iterations: int = 30,
-                 keep_num: int = 15, mutation_num: int = 10, crossover_num: int = 10, mutation_prob: float = 0.1,
-                 seed: int = 0) -> None:
+                 threshold_lr: float = 3e-4, supernet_epochs: int | None = 1, retrain_epochs: int | None = None,
+                 search_iterations: int = 30, keep_num: int = 0, mutation_num: int = 10, crossover_num: int = 10,
+                 mutation_prob: float = 0.1, seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)
         self.alpha = alpha
+        self.threshold_lr = threshold_lr
         self.supernet_epochs = supernet_epochs
         self.retrain_epochs = retrain_epochs
         self.search_iterations = search_iterations
@@ -179,16 +187,18 @@ class OptEmbedTable(CompressedTable):
         self.seed = seed
         if not (isinstance(alpha, int | float) and alpha >= 0):
             raise ValueError(f"optembed: alpha must be a number >= 0, got {alpha!r}")
+        if not (isinstance(threshold_lr, int | float) and threshold_lr > 0):
+            raise ValueError(f"optembed: threshold_lr must be a positive number, got {threshold_lr!r}")
         for name in ("supernet_epochs", "retrain_epochs"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f"optembed: {name} must be an int >= 0 or None, got {v!r}")
-        for name in ("search_iterations", "mutation_num", "crossover_num"):
+        for name in ("search_iterations", "keep_num", "mutation_num", "crossover_num"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"optembed: {name} must be an int >= 0, got {v!r}")
-        if not isinstance(keep_num, int) or keep_num < 1:
-            raise ValueError(f"optembed: keep_num must be a positive int, got {keep_num!r}")
+        if keep_num + mutation_num + crossover_num < 1:
+            raise ValueError("optembed: keep_num + mutation_num + crossover_num must be >= 1 (the population)")
         if not 0 < mutation_prob <= 1:
             raise ValueError(f"optembed: mutation_prob must be in (0, 1], got {mutation_prob!r}")
 
@@ -328,7 +338,9 @@ class OptEmbedTable(CompressedTable):
     # -- stages -------------------------------------------------------------------------------
 
     def stages(self) -> list[Stage]:
-        return [Stage("supernet", epochs=self.supernet_epochs, after=self._supernet_done),
+        return [Stage("supernet", epochs=self.supernet_epochs, after=self._supernet_done,
+                      groups=lambda: [ParamGroup("threshold", [self.threshold], optimizer="sgd",
+                                                 lr=self.threshold_lr)]),
                 Stage("search", epochs=0, before=self._search),
                 Stage("retrain", epochs=self.retrain_epochs, reset_head=True, before=self._retrain_start)]
 

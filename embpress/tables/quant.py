@@ -3,8 +3,12 @@
 The inner table trains as usual; a final ``quantize`` stage replaces each float parameter, seen
 as ``[rows, last_dim]``, by unsigned integer codes with one fp32 scale and offset per row
 (FBGEMM's 8-bit rowwise format, ``w ~ code * scale + offset``), writes the dequantized values back
-so that evaluation sees the served weights, and freezes them. ``build_table("qr+int8", ...)``
-wraps any float method this way, and the compressions multiply. Row-wise uniform post-training
+so that evaluation sees the served weights, and freezes them. A method whose serving state is not
+its parameters as stored (CSR values, folded BatchNorm, searched dims, codebooks) has the float
+arrays of its serving state quantized instead (row-wise where rows exist, per tensor otherwise),
+and its lookups after the stage are the served lookups (:mod:`embpress.serving`) of the
+dequantized arrays, exactly what the artifact serves. ``build_table("qr+int8", ...)`` wraps any
+method this way, and the compressions multiply. Row-wise uniform post-training
 quantization of embedding tables: Guan et al., arXiv:1911.02079 (Sec. 3); the INT8/INT16 baseline of
 the VLDB 2024 study (arXiv:2311.15578).
 """
@@ -47,11 +51,6 @@ def _code_dtype(suffix: str) -> type[np.unsignedinteger]:
     return SUFFIXES[suffix]
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """A parameter viewed as ``[rows, last_dim]`` (a scalar is one row of one value)."""
-    return t.reshape(1, 1) if t.dim() == 0 else t.reshape(-1, t.shape[-1])
-
-
 def quantize_rows(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric row-wise quantization of ``x: float[R, C]`` to ``bits``-bit unsigned codes.
 
@@ -84,31 +83,62 @@ def _is_float(a: np.ndarray) -> bool:
     return np.issubdtype(np.asarray(a).dtype, np.floating)
 
 
-def check_float_state(table: CompressedTable) -> None:
-    """Raise ValueError unless the table's float serving arrays are exactly its float parameters.
+def serves_parameters(table: CompressedTable) -> bool:
+    """True when the table's float serving arrays are exactly its float parameters (each equal to
+    one of them, none left over): quantizing the parameters then quantizes what it serves, and the
+    table's own lookups stay valid."""
+    free = [p.detach().numpy().reshape(-1) for _, p in _float_parameters(table)]
+    arrays = [np.asarray(v).reshape(-1) for v in table.serving_state().values() if _is_float(v)]
+    if len(free) != len(arrays):
+        return False
+    for a in arrays:
+        i = next((i for i, p in enumerate(free) if p.size == a.size and np.array_equal(p, a)), None)
+        if i is None:
+            return False
+        free.pop(i)
+    return True
 
-    Post-training quantization replaces each float parameter by codes and row scales; this is
-    only the served state when the table serves its parameters as they are (matched by size).
-    """
-    params = sorted(p.numel() for _, p in _float_parameters(table))
-    arrays = sorted(int(np.asarray(v).size) for v in table.serving_state().values() if _is_float(v))
-    if params != arrays:
-        raise ValueError(
-            f"{table.method}: cannot be post-training quantized: its float serving arrays (sizes {arrays}) "
-            f"are not its float parameters (sizes {params}); quantize only methods that serve their "
-            f"parameters as stored"
-        )
+
+def state_rows(shape: Sequence[int], code_bytes: int) -> tuple[int, int]:
+    """How a float serving array of ``shape`` is quantized: ``(rows, cols)``, one fp32 scale and offset
+    per row. Row-wise (``[prod(shape[:-1]), shape[-1]]``) where rows exist and a row's codes are at
+    least as large as its scale and offset; otherwise per tensor (one row)."""
+    n = int(np.prod(shape)) if len(shape) else 1
+    if len(shape) >= 2 and shape[-1] * code_bytes >= ROW_QPARAM_BYTES:
+        return n // max(1, shape[-1]), int(shape[-1])
+    return 1, n
 
 
 def quantized_bytes(table: CompressedTable, suffix: str) -> int:
-    """Serving bytes of ``table`` once its float parameters are quantized with ``suffix``."""
+    """Serving bytes of ``table`` once its float parameters (or, for a table that does not serve
+    them as stored, the float arrays of its serving state) are quantized with ``suffix``."""
     code_bytes = np.dtype(_code_dtype(suffix)).itemsize
-    other = sum(np.asarray(v).nbytes for v in table.serving_state().values() if not _is_float(v))
+    state = table.serving_state()
+    other = sum(np.asarray(v).nbytes for v in state.values() if not _is_float(v))
     total = 0
-    for _, p in _float_parameters(table):
-        rows, cols = _as_rows(p.detach()).shape
-        total += rows * (cols * code_bytes + ROW_QPARAM_BYTES)
+    if serves_parameters(table):
+        for _, p in _float_parameters(table):
+            rows, cols = state_rows(p.shape, code_bytes)
+            total += rows * (cols * code_bytes + ROW_QPARAM_BYTES)
+    else:
+        for v in state.values():
+            if _is_float(v):
+                rows, cols = state_rows(np.shape(v), code_bytes)
+                total += rows * (cols * code_bytes + ROW_QPARAM_BYTES)
     return int(other + total)
+
+
+def state_quantized_bound(table: CompressedTable, suffix: str) -> int:
+    """The most a table that does not serve its parameters as stored may need once quantized, if its
+    stages fill its own budget with float arrays: its non-float bytes now, the rest of its budget at
+    ``suffix`` precision, and a scale and offset per float array (each quantized per tensor at worst,
+    see :meth:`PostTrainingQuantized.quantize`)."""
+    code_bytes = np.dtype(_code_dtype(suffix)).itemsize
+    state = table.serving_state()
+    other = sum(np.asarray(v).nbytes for v in state.values() if not _is_float(v))
+    arrays = sum(1 for v in state.values() if _is_float(v))
+    floats = max(0, table.max_bytes - other) // FP32_BYTES
+    return int(other + floats * code_bytes + arrays * ROW_QPARAM_BYTES)
 
 
 class PostTrainingQuantized(CompressedTable):
@@ -149,7 +179,18 @@ class PostTrainingQuantized(CompressedTable):
         if type(self) is PostTrainingQuantized:
             self.method = f"{inner}+{suffix}"
         self.inner = self._build_inner()
+        self.by_state = not serves_parameters(self.inner)
+        """True when the float arrays of the inner serving state are quantized (not its parameters)."""
+        if self.by_state:
+            from embpress import serving
+
+            try:
+                serving.served_class(inner)
+            except ValueError as e:
+                raise ValueError(f"{inner}+{suffix}: {inner!r} does not serve its parameters as stored, so its "
+                                 f"quantized serving arrays need a served lookup ({e})") from None
         self.codes_: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._served: nn.Module | None = None
 
     @classmethod
     def wrap(cls, inner_method: str, *, suffix: str, fields: Sequence[Field], dim: int,
@@ -181,8 +222,10 @@ class PostTrainingQuantized(CompressedTable):
                     f"quantization ({e})" + (f"; its last fit quantized to {nbytes:,} bytes" if nbytes else "")
                     + f", budget {self.max_bytes:,} bytes"
                 ) from None
-            check_float_state(table)
-            nbytes = quantized_bytes(table, self.suffix)
+            if serves_parameters(table):
+                nbytes = quantized_bytes(table, self.suffix)
+            else:  # its stages may reshape what it serves: size it for the worst case
+                nbytes = state_quantized_bound(table, self.suffix)
             if nbytes <= self.max_bytes:
                 self.inner_budget = None if cls.reference else max(1, int(inner_budget))
                 return table
@@ -201,27 +244,66 @@ class PostTrainingQuantized(CompressedTable):
     # -- contract ----------------------------------------------------------------------------
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._served is not None:
+            return self._served._lookup(ids)
         return self.inner._lookup(ids)
 
     def serving_bytes(self) -> int:
+        if self.by_state:
+            return int(sum(np.asarray(v).nbytes for v in self.serving_state().values()))
         return quantized_bytes(self.inner, self.suffix)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(state_rows(t.shape, np.dtype(self.code_dtype).itemsize))
+
+    def _quantize_state(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Codes, scales and offsets of every float array of the inner serving state: row-wise
+        (:func:`state_rows`) where the budget holds the rows' scales and offsets (largest arrays
+        first), per tensor otherwise, so that the inner stages cannot push it over the budget."""
+        state = self.inner.serving_state()
+        code_bytes = np.dtype(self.code_dtype).itemsize
+        floats = {k: np.asarray(v) for k, v in state.items() if _is_float(v)}
+        used = sum(np.asarray(v).nbytes for v in state.values() if not _is_float(v))
+        used += sum(v.size * code_bytes + ROW_QPARAM_BYTES for v in floats.values())  # all per tensor
+        shape = {k: (1, v.size) for k, v in floats.items()}
+        for k in sorted(floats, key=lambda k: (-floats[k].size, k)):
+            rows, cols = state_rows(floats[k].shape, code_bytes)
+            extra = (rows - 1) * ROW_QPARAM_BYTES
+            if rows > 1 and used + extra <= self.max_bytes:
+                shape[k], used = (rows, cols), used + extra
+        out = {}
+        for k, v in floats.items():
+            x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32).reshape(shape[k]))
+            c, sc, o = quantize_rows(x, self.bits)
+            out[k] = (c.numpy().astype(self.code_dtype), sc.numpy(), o.numpy())
+        return out
 
     def serving_state(self) -> dict[str, np.ndarray]:
         state = {k: v for k, v in self.inner.serving_state().items() if not _is_float(v)}
-        for name, p in _float_parameters(self.inner):
-            if self.codes_ is not None:
-                codes, scale, offset = self.codes_[name]
-            else:
-                c, s, o = quantize_rows(_as_rows(p.detach()), self.bits)
-                codes, scale, offset = c.numpy().astype(self.code_dtype), s.numpy(), o.numpy()
+        if self.by_state:
+            quantized = self.codes_ if self.codes_ is not None else self._quantize_state()
+        else:
+            quantized = {}
+            for name, p in _float_parameters(self.inner):
+                if self.codes_ is not None:
+                    quantized[name] = self.codes_[name]
+                else:
+                    c, sc, o = quantize_rows(self._rows(p.detach()), self.bits)
+                    quantized[name] = (c.numpy().astype(self.code_dtype), sc.numpy(), o.numpy())
+        for name, (codes, scale, offset) in quantized.items():
             state[f"{name}.codes"] = codes
             state[f"{name}.scale"] = scale
             state[f"{name}.offset"] = offset
         return state
 
     def serving_spec(self) -> dict[str, Any]:
-        """The inner method and its spec, and which quantized parameter (and shape) each of the
-        inner table's float serving arrays is: a served lookup dequantizes the codes into them."""
+        """The inner method and its spec, and how each of the inner table's float serving arrays is
+        rebuilt: ``arrays`` (quantized serving arrays, name -> shape) or ``param_of`` (quantized
+        parameter and shape); a served lookup dequantizes the codes into them."""
+        spec = {"inner": self.inner_method, "inner_spec": self.inner.serving_spec(), "suffix": self.suffix}
+        if self.by_state:
+            spec["arrays"] = {k: list(np.shape(v)) for k, v in self.inner.serving_state().items() if _is_float(v)}
+            return spec
         params = dict(_float_parameters(self.inner))
         free = list(params)
         param_of = {}
@@ -235,18 +317,31 @@ class PostTrainingQuantized(CompressedTable):
                 raise ValueError(f"{self.method}: serving array {key!r} is not one of the float parameters")
             free.remove(match)
             param_of[key] = [match, list(np.asarray(arr).shape)]
-        return {"inner": self.inner_method, "inner_spec": self.inner.serving_spec(), "suffix": self.suffix,
-                "param_of": param_of}
+        spec["param_of"] = param_of
+        return spec
 
     @torch.no_grad()
     def quantize(self) -> None:
-        """Quantize every float parameter of the inner table row-wise, load the dequantized
-        values into it and freeze it; :meth:`serving_state` then returns the stored codes."""
+        """Quantize the inner table row-wise and freeze it; :meth:`serving_state` then returns the
+        stored codes. Parameters served as stored: their dequantized values are loaded back into
+        the inner table. Otherwise: the float serving arrays are quantized and lookups from now on
+        are the served lookups of their dequantized values."""
+        for p in self.inner.parameters():
+            p.requires_grad_(False)
+        if self.by_state:
+            from embpress import serving
+
+            spec = self.serving_spec()
+            self.codes_ = self._quantize_state()
+            arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.serving_state().items()}
+            self._served = serving.served_class(self.method)(
+                fields=[(f.name, f.num_embeddings) for f in self.fields], dim=self.dim, arrays=arrays,
+                spec=spec, method=self.method)
+            return
         stored = {}
         for name, p in _float_parameters(self.inner):
-            codes, scale, offset = quantize_rows(_as_rows(p), self.bits)
+            codes, scale, offset = quantize_rows(self._rows(p), self.bits)
             p.copy_(dequantize_rows(codes, scale, offset).reshape(p.shape))
-            p.requires_grad_(False)
             stored[name] = (codes.numpy().astype(self.code_dtype), scale.numpy(), offset.numpy())
         self.codes_ = stored
 
@@ -254,13 +349,14 @@ class PostTrainingQuantized(CompressedTable):
         self.quantize()
         ctx.log(f"{self.method}: quantized to {self.suffix}, {self.serving_bytes():,} serving bytes")
 
-    def _for_inner(self, hook: Callable[[StageContext], None] | None) -> Callable[[StageContext], None] | None:
+    def _for_inner(self, hook: Callable[[StageContext], Any] | None) -> Callable[[StageContext], Any] | None:
         if hook is None:
             return None
         return lambda ctx: hook(dataclasses.replace(ctx, table=self.inner))
 
     def stages(self) -> list[Stage]:
-        inner = [dataclasses.replace(s, before=self._for_inner(s.before), after=self._for_inner(s.after))
+        inner = [dataclasses.replace(s, before=self._for_inner(s.before), after=self._for_inner(s.after),
+                                     on_step=self._for_inner(s.on_step), stop=self._for_inner(s.stop))
                  for s in self.inner.stages()]
         return [*inner, Stage("quantize", epochs=0, early_stopping=False, before=self._quantize_stage)]
 
