@@ -21,6 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 vectors_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                           help="Compress corpus vectors, search the codes, and benchmark recall against bytes.")
 app.add_typer(vectors_app, name="vectors", help="Compress, search and evaluate corpus vectors.")
+limit_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                        help="The LIMIT capacity probe and LIMIT-style retrieval data.")
+app.add_typer(limit_app, name="limit", help="LIMIT: critical n per dimension, and LIMIT-style data.")
 console = Console(stderr=True, soft_wrap=True)
 _out = Console(soft_wrap=True)
 
@@ -356,6 +359,69 @@ def _internal_error(e: Exception) -> NoReturn:
     console.print(f"error: internal error {type(e).__name__}: {' '.join(str(e).split())} (set EMBPRESS_DEBUG=1 "
                   "for the traceback, and please report it)", markup=False, highlight=False)
     sys.exit(1)
+
+
+@limit_app.command("probe")
+def limit_probe(
+    dims: str = typer.Option("4,8,16,32", "--dims", help="Comma-separated dimensions."),
+    k: int = typer.Option(2, "--k", help="Relevant documents per query (every k-subset is a query)."),
+    codecs: str = typer.Option("", "--codecs",
+                               help="Document storage to probe after float32, e.g. 'sq8,sq4,bin,pq' ('pq' = pq{d/2}x4)."),
+    codec_dims: str | None = typer.Option(None, "--codec-dims", help="Dimensions the codecs are probed at (default all)."),
+    out: Path = typer.Option(Path("runs/limit-probe"), "--out", help="Folder for probe.json and probe.png."),
+    seed: int = typer.Option(0, "--seed"),
+    max_iters: int = typer.Option(100_000, "--max-iters", help="Iteration cap per optimisation (reference 100k)."),
+    patience: int = typer.Option(1000, "--patience", help="Early stop after this many steps without loss gain."),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+) -> None:
+    """Critical n (largest corpus whose every k-subset is some query's top-k) per dimension, free embeddings."""
+    import json
+
+    from embpress.atomic import atomic_write_text
+    from embpress.bench.ctr import parse_list
+    from embpress.bench.limit_plot import plot_probe
+
+    for value, option in ((k, "--k"), (max_iters, "--max-iters"), (patience, "--patience"), (threads, "--threads")):
+        _positive(value, option)
+    dim_list = _guard(lambda: parse_list(dims, int, "dims"))
+    cdims = set(dim_list) if codec_dims is None else set(_guard(lambda: parse_list(codec_dims, int, "codec-dims")))
+    specs = [s.strip() for s in codecs.split(",") if s.strip()]
+    for d in dim_list:
+        if d < 1:
+            _fail(f"--dims: every dimension must be >= 1, got {d}")
+
+    def expand(spec: str, d: int) -> str:
+        return f"pq{max(1, d // 2)}x4" if spec == "pq" else spec
+
+    def check() -> None:
+        from embpress.vectors import build_codec
+
+        for d in cdims:
+            for s in specs:
+                build_codec(expand(s, d))
+
+    _guard(check)
+    import torch
+
+    from embpress.limit.probe import paper_critical_n, probe
+
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    for d in dim_list:
+        runs = _guard(lambda d=d: probe(d, k=k, codecs=tuple(expand(s, d) for s in specs) if d in cdims else (),
+                                        seed=seed, max_iters=max_iters, patience=patience,
+                                        log=lambda m: _out.print(m, markup=False)))
+        for r in runs:
+            fit = paper_critical_n(d)
+            _out.print(f"d={d} k={k} {r.codec}: critical n = {r.critical_n} (paper fit {fit:.1f}, "
+                       f"{r.critical_n / fit - 1:+.0%})", markup=False)
+            records.append({"d": r.d, "k": r.k, "codec": r.codec, "critical_n": r.critical_n,
+                            "paper_fit": round(fit, 2), "seed": seed, "max_iters": max_iters, "patience": patience,
+                            "trials": r.trials})
+        atomic_write_text(out / "probe.json", json.dumps(records, indent=1))
+        plot_probe(out / "probe.json", out / "probe.png")
+    _out.print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}", markup=False)
 
 
 if __name__ == "__main__":
