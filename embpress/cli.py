@@ -424,5 +424,31 @@ def limit_probe(
     _out.print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}", markup=False)
 
 
+
+@limit_app.command("generate")
+def limit_generate(
+    docs: int = typer.Option(..., "--docs", help="Documents (46 gives a LIMIT-small-sized set, 50000 LIMIT)."),
+    out: Path = typer.Option(..., "--out", help="Folder for corpus.jsonl, queries.jsonl, qrels.jsonl."),
+    seed: int = typer.Option(0, "--seed"),
+    queries: int = typer.Option(1000, "--queries", help="Queries (each asks about one item)."),
+    k: int = typer.Option(2, "--k", help="Relevant documents per query."),
+    items_per_doc: int = typer.Option(45, "--items-per-doc", help="Items each person likes."),
+    vocab_from: Path | None = typer.Option(None, "--vocab-from",
+                                           help="A LIMIT folder whose items and names to reuse (default: pseudo-words)."),
+) -> None:
+    """Write a LIMIT-style retrieval set ("<name> likes A, B, ...", "Who likes X?") in the MTEB/BEIR layout."""
+    from embpress.limit.data import generate_limit, vocab_from_corpus, write_limit
+
+    for value, option in ((docs, "--docs"), (queries, "--queries"), (k, "--k"), (items_per_doc, "--items-per-doc")):
+        _positive(value, option)
+    if vocab_from is not None and not (vocab_from / "corpus.jsonl").is_file():
+        _fail(f"--vocab-from {vocab_from}: no corpus.jsonl there")
+    vocab = _guard(lambda: vocab_from_corpus(vocab_from)) if vocab_from is not None else None
+    data = _guard(lambda: generate_limit(docs, n_queries=queries, k=k, items_per_doc=items_per_doc, seed=seed,
+                                         vocab=vocab))
+    _guard(lambda: write_limit(data, out))
+    _out.print(f"wrote {out}: {len(data.corpus_ids):,} documents, {len(data.query_ids):,} queries, "
+               f"{sum(len(v) for v in data.qrels.values()):,} qrels", markup=False)
+
 if __name__ == "__main__":
     main()
