@@ -163,6 +163,12 @@ def vectors_eval(
     faiss: bool = typer.Option(True, "--faiss/--no-faiss", help="Measure the FAISS equivalents."),
     qps_time: float = typer.Option(0.5, "--qps-time", help="Seconds of repeated searches per queries/s figure."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    multivector: str | None = typer.Option(
+        None, "--multivector", help="MUVERA over the model's token states, e.g. 'fde:R=20,k=5,dproj=8' (with "
+        "--beir): single vector, exact Chamfer, and FDE through each --codecs codec + Chamfer re-rank."),
+    candidates: str = typer.Option("10,20,50,100", "--candidates", help="FDE candidates re-ranked (--multivector)."),
+    carve_tau: float | None = typer.Option(None, "--carve-tau",
+                                           help="Ball-carve query tokens at this similarity (--multivector)."),
 ) -> None:
     """Benchmark codecs on vectors (--base) or on a BEIR folder encoded with a text model (--beir)."""
     from embpress.bench.ctr import parse_list
@@ -198,6 +204,15 @@ def vectors_eval(
                 build_codec(s)  # syntax check before loading or encoding anything
 
     _guard(check_specs)
+    if multivector is not None:
+        if beir is None:
+            _fail("--multivector needs --beir (token states come from encoding the texts)")
+        cands = _guard(lambda: parse_list(candidates, int, "candidates"))
+        if any(c < k for c in cands):
+            _fail(f"--candidates must all be >= --k {k}, got {candidates!r}")
+        _guard(lambda: _multivector_eval(beir, model, split, cache, encode_threads, multivector, specs, cands, k,
+                                         seed, threads, carve_tau, out, progress))
+        return
     _check_out(out, "vectors")
 
     def load() -> EvalSet:
@@ -239,6 +254,35 @@ def vectors_eval(
     md, png = _guard(lambda: render_report(out))
     _out.print(f"wrote {out / 'results.jsonl'}, {md}, {png}", markup=False)
 
+
+
+def _multivector_eval(beir: Path, model: str | None, split: str, cache: Path | None, encode_threads: int | None,
+                      spec: str, codecs: list[str], candidates: tuple[int, ...], k: int, seed: int, threads: int,
+                      carve_tau: float | None, out: Path, progress: bool) -> None:
+    """The --multivector branch of ``vectors eval``."""
+    from threadpoolctl import threadpool_limits
+
+    from embpress.bench.multivector import run_multivector_eval, write_multivector_report
+    from embpress.vectors.beir import load_beir
+    from embpress.vectors.encode import default_model_path, encode_texts, encode_token_states, model_label
+    from embpress.vectors.multivector import parse_fde_spec
+
+    parse_fde_spec(spec)
+    ds = load_beir(beir, split=split)
+    model_name = model or default_model_path()
+    _out.print(f"{ds.name}: {len(ds.corpus_ids):,} documents, {len(ds.query_ids):,} judged queries", markup=False)
+    enc = {"model": model_name, "cache_dir": cache, "num_threads": encode_threads, "progress": progress}
+    xq = encode_texts(ds.query_texts, description="queries", **enc)
+    xb = encode_texts(ds.corpus_texts, description="corpus", **enc)
+    tq = encode_token_states(ds.query_texts, description="query tokens", **enc)
+    tb = encode_token_states(ds.corpus_texts, description="corpus tokens", **enc)
+    with threadpool_limits(threads):
+        rows = run_multivector_eval(corpus_ids=ds.corpus_ids, query_ids=ds.query_ids, qrels=ds.qrels,
+                                    doc_vectors=xb, query_vectors=xq, doc_tokens=tb, query_tokens=tq, encoder=spec,
+                                    codecs=codecs, candidates=candidates, k=k, seed=seed, carve_tau=carve_tau,
+                                    log=lambda m: _out.print(m, markup=False))
+    md = write_multivector_report(rows, out, title=f"{ds.name}:{model_label(model_name)} {spec}", k=k)
+    _out.print(f"wrote {out / 'multivector.json'} and {md}", markup=False)
 
 @vectors_app.command("build")
 def vectors_build(

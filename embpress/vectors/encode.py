@@ -165,7 +165,8 @@ class TokenStates(NamedTuple):
     vectors: np.ndarray
     offsets: np.ndarray
 
-    def __len__(self) -> int:
+    @property
+    def n_texts(self) -> int:
         return int(self.offsets.shape[0] - 1)
 
     def get(self, i: int) -> np.ndarray:
