@@ -410,13 +410,16 @@ def limit_probe(
     dims: str = typer.Option("4,8,16,32", "--dims", help="Comma-separated dimensions."),
     k: int = typer.Option(2, "--k", help="Relevant documents per query (every k-subset is a query)."),
     codecs: str = typer.Option("", "--codecs",
-                               help="Document storage to probe after float32, e.g. 'sq8,sq4,bin,pq' ('pq' = pq{d/2}x4)."),
+                               help="Document storage to probe after float32, e.g. 'sq8,sq4,bin,pq' ('pq' = pq{d/2}x4, 2 bits "
+                               "per dim, probed at d >= 16 only: its k-means needs 16 documents)."),
     codec_dims: str | None = typer.Option(None, "--codec-dims", help="Dimensions the codecs are probed at (default all)."),
     out: Path = typer.Option(Path("runs/limit-probe"), "--out", help="Folder for probe.json and probe.png."),
     seed: int = typer.Option(0, "--seed"),
     max_iters: int = typer.Option(100_000, "--max-iters", help="Iteration cap per optimisation (reference 100k)."),
     patience: int = typer.Option(1000, "--patience", help="Early stop after this many steps without loss gain."),
     threads: int = typer.Option(1, "--threads", help="torch threads."),
+    at: int | None = typer.Option(None, "--at", help="Check this one n (no search) at every --dims; "
+                                  "records go to checks.json."),
 ) -> None:
     """Critical n (largest corpus whose every k-subset is some query's top-k) per dimension, free embeddings."""
     import json
@@ -434,15 +437,20 @@ def limit_probe(
         if d < 1:
             _fail(f"--dims: every dimension must be >= 1, got {d}")
 
-    def expand(spec: str, d: int) -> str:
-        return f"pq{max(1, d // 2)}x4" if spec == "pq" else spec
+    def expand(spec: str, d: int) -> str | None:
+        if spec != "pq":
+            return spec
+        return f"pq{d // 2}x4" if d >= 16 else None
+
+    def for_dim(d: int) -> tuple[str, ...]:
+        return tuple(e for e in (expand(s, d) for s in specs) if e is not None) if d in cdims else ()
 
     def check() -> None:
         from embpress.vectors import build_codec
 
         for d in cdims:
-            for s in specs:
-                build_codec(expand(s, d))
+            for s in for_dim(d):
+                build_codec(s)
 
     _guard(check)
     import torch
@@ -451,9 +459,23 @@ def limit_probe(
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
+    if at is not None:
+        from embpress.limit.probe import check_at
+
+        _positive(at, "--at")
+        if at <= k:
+            _fail(f"--at must exceed --k {k}, got {at}")
+        path = out / "checks.json"
+        checks = json.loads(path.read_text()) if path.is_file() else []
+        for d in dim_list:
+            checks += _guard(lambda d=d: check_at(at, d, k=k, codecs=for_dim(d), seed=seed, max_iters=max_iters,
+                                                  patience=patience, log=lambda m: _out.print(m, markup=False)))
+            atomic_write_text(path, json.dumps(checks, indent=1))
+        _out.print(f"wrote {path}", markup=False)
+        return
     records: list[dict] = []
     for d in dim_list:
-        runs = _guard(lambda d=d: probe(d, k=k, codecs=tuple(expand(s, d) for s in specs) if d in cdims else (),
+        runs = _guard(lambda d=d: probe(d, k=k, codecs=for_dim(d),
                                         seed=seed, max_iters=max_iters, patience=patience,
                                         log=lambda m: _out.print(m, markup=False)))
         for r in runs:

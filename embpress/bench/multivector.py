@@ -77,13 +77,19 @@ def run_multivector_eval(*, corpus_ids: Sequence[str], query_ids: Sequence[str],
     enc = parse_fde_spec(encoder) if isinstance(encoder, str) else encoder
     spec_name = encoder if isinstance(encoder, str) else "fde"
     q_search = _carve_queries(qtok, carve_tau) if carve_tau is not None else qtok
+    if not hasattr(enc, "simhash_"):
+        enc.fit(dtok[0].shape[1])
+    t = time.perf_counter()
+    doc_fde = enc.encode_documents(dtok).astype(np.float32, copy=False)
+    encode_s = time.perf_counter() - t
+    say(f"FDE {spec_name}: {n} documents encoded in {encode_s:.1f} s ({n / encode_s:.0f} docs/s, one thread)")
     for codec in codecs:
         t = time.perf_counter()
-        mv = MultiVectorIndex(enc, codec=codec, seed=seed).build(dtok)
+        mv = MultiVectorIndex(enc, codec=codec, seed=seed).build(dtok, fde=doc_fde)
         build_s = time.perf_counter() - t
         base = {"fde": spec_name, "codec": codec, "fde_dim": mv.encoder_.output_dim,
-                "bytes_per_doc": mv.bytes_per_doc(), "fde_encode_docs_per_s": round(n / mv.encode_seconds_, 1),
-                "build_s": round(build_s, 1)}
+                "bytes_per_doc": mv.bytes_per_doc(), "fde_encode_docs_per_s": round(n / encode_s, 1),
+                "codec_fit_add_s": round(build_s, 1)}
         cmax = max(candidates)
         t = time.perf_counter()
         qf = mv.encoder_.encode_queries(q_search).astype(np.float32, copy=False)

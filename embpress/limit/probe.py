@@ -264,6 +264,8 @@ def probe(d: int, *, k: int = 2, codecs: tuple[str, ...] = (), start: int | None
         crun = ProbeRun(d, k, spec, 0)
 
         def cok(n: int, spec: str = spec, crun: ProbeRun = crun) -> bool:
+            if n > run.critical_n:  # stored documents are the float ones: no more than float's capacity
+                return False
             base = float_fit(n)
             if not base.success:
                 r = base
@@ -280,3 +282,20 @@ def probe(d: int, *, k: int = 2, codecs: tuple[str, ...] = (), start: int | None
         crun.critical_n, _ = critical_n(cok, cstart, step=max(1, round(0.1 * cstart)), lo_bound=k + 1)
         runs.append(crun)
     return runs
+
+
+def check_at(n: int, d: int, *, k: int = 2, codecs: tuple[str, ...] = (), seed: int = 0, max_iters: int = 100_000,
+             patience: int = 1000, log: Callable[[str], None] | None = None) -> list[dict]:
+    """One n, no search: does float32 express every k-subset of n documents in d dims, and do the codecs
+    still after storing its documents? One record per storage (a point check where a search costs too much)."""
+    base = fit_free_embeddings(n, d, k=k, seed=seed, max_iters=max_iters, patience=patience)
+    out = []
+    for spec, r in [("float32", base), *((s, codec_check(base, s, k=k, seed=seed, patience=patience)
+                                         if base.success else base) for s in codecs)]:
+        rec = {"d": d, "k": k, "codec": spec, "n": n, "success": r.success, "accuracy": r.accuracy,
+               "iterations": r.iterations, "seconds": round(r.seconds, 2)}
+        out.append(rec)
+        if log:
+            log(f"d={d} {spec} n={n}: {'ok ' if r.success else 'FAIL'} acc={r.accuracy:.5f} iters={r.iterations} "
+                f"{r.seconds:.1f}s")
+    return out

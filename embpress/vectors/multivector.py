@@ -370,8 +370,11 @@ class MultiVectorIndex:
                  nprobe: int = 1, seed: int = 0):
         self.encoder, self.codec, self.nprobe, self.seed = encoder, codec, nprobe, seed
 
-    def build(self, docs: Any) -> MultiVectorIndex:
-        """Encode every document's FDE, fit the codec on them, index them; keep ``docs`` for re-ranking."""
+    def build(self, docs: Any, *, fde: np.ndarray | None = None) -> MultiVectorIndex:
+        """Encode every document's FDE, fit the codec on them, index them; keep ``docs`` for re-ranking.
+
+        ``fde``: the documents' FDEs already encoded by this index's (fitted) encoder, to share one
+        encoding between indexes with different codecs."""
         from embpress.vectors.index import Index
 
         vectors, offsets = as_ragged(docs, name="documents")
@@ -379,9 +382,16 @@ class MultiVectorIndex:
         if not hasattr(enc, "simhash_"):
             enc.fit(vectors.shape[1])
         self.encoder_ = enc
-        t = time.perf_counter()
-        fde = enc.encode_documents((vectors, offsets)).astype(np.float32, copy=False)
-        self.encode_seconds_ = time.perf_counter() - t
+        if fde is None:
+            t = time.perf_counter()
+            fde = enc.encode_documents((vectors, offsets)).astype(np.float32, copy=False)
+            self.encode_seconds_ = time.perf_counter() - t
+        elif fde.shape != (offsets.shape[0] - 1, enc.output_dim):
+            raise ValueError(f"fde must be ({offsets.shape[0] - 1}, {enc.output_dim}) for these documents and "
+                             f"encoder, got {fde.shape}")
+        else:
+            self.encode_seconds_ = float("nan")
+            fde = np.ascontiguousarray(fde, dtype=np.float32)
         self.index_ = Index(self.codec, metric="ip", nprobe=self.nprobe, seed=self.seed).fit(fde)
         self.index_.add(fde)
         self.docs_ = (vectors, offsets)
