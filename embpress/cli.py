@@ -457,14 +457,13 @@ def limit_probe(
 
     from embpress.limit.probe import paper_critical_n, probe
 
+    if at is not None and at <= k:
+        _fail(f"--at must exceed --k {k}, got {at}")
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     if at is not None:
         from embpress.limit.probe import check_at
 
-        _positive(at, "--at")
-        if at <= k:
-            _fail(f"--at must exceed --k {k}, got {at}")
         path = out / "checks.json"
         checks = json.loads(path.read_text()) if path.is_file() else []
         for d in dim_list:

@@ -312,7 +312,7 @@ def chamfer_scores(query: np.ndarray, docs: Ragged, ids: np.ndarray | None = Non
     return np.maximum.reduceat(sims, bounds, axis=1).sum(axis=0)
 
 
-def chamfer_search(queries: Ragged, docs: Ragged, k: int, *, block_tokens: int = 1 << 15) -> SearchResult:
+def chamfer_search(queries: Ragged, docs: Ragged, k: int, *, block_tokens: int = 1 << 14) -> SearchResult:
     """Exact Chamfer top-k of every query against every document (brute force, document blocks).
 
     Returns SearchResult (nq, k) with distances = -Chamfer similarity (embpress's IP convention).
