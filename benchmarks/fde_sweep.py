@@ -2,7 +2,8 @@
 
 Exact Chamfer top-10 over all documents is computed once (cached in ``--out``); then, per FDE spec (float32
 FDEs, exact inner product), the share of that top-10 found among the best c FDE candidates, c in
-``--candidates``, and the nDCG@10 after Chamfer re-ranking of the c candidates. One thread.
+``--candidates``, and the nDCG@10 after Chamfer re-ranking of the c candidates; with ``--codecs``, the
+same through each codec's FDE codes (an ``Index``). One thread.
 
     python benchmarks/fde_sweep.py --out /tmp/fde-sweep --specs "fde:R=20,k=5,dproj=8;fde:R=20,k=5,dproj=32"
 """
@@ -20,6 +21,7 @@ from threadpoolctl import threadpool_limits
 from embpress.vectors.beir import load_beir
 from embpress.vectors.encode import encode_token_states
 from embpress.vectors.evaluate import beir_metrics, exact_knn
+from embpress.vectors.index import Index
 from embpress.vectors.multivector import chamfer_search, parse_fde_spec, rerank_chamfer
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scifact"
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--specs", default="fde:R=20,k=5,dproj=8")
     ap.add_argument("--candidates", default="10,20,50,100,200")
+    ap.add_argument("--codecs", default="", help="FDE codecs, e.g. 'sq8,pq1280' (default: float32 only)")
     args = ap.parse_args()
     ds = load_beir(args.data)
     dtok = encode_token_states(ds.corpus_texts, num_threads=1, progress=False)
@@ -53,17 +56,32 @@ def main() -> None:
             docs = enc.encode_documents(dtok).astype(np.float32)
             enc_s = time.perf_counter() - t
             queries = enc.encode_queries(qtok).astype(np.float32)
-            res = exact_knn(docs, queries, max(cands), "ip")
-            for c in cands:
-                hit = float(np.mean([np.isin(exact[i], res.ids[i, :c]).mean() for i in range(len(exact))]))
-                rr = rerank_chamfer(qtok, dtok, res.ids[:, :c], 10)
-                ndcg = beir_metrics(rr.ids, rr.distances, ds.query_ids, ds.corpus_ids, ds.qrels, ("ndcg@10",),
-                                    backend="numpy")["ndcg@10"]
-                row = {"spec": spec, "fde_dim": enc.output_dim, "candidates": c, "cand_recall_chamfer_top10": hit,
-                       "ndcg@10_reranked": ndcg, "encode_docs_per_s": round(len(ds.corpus_ids) / enc_s, 1)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for codec in ["float32", *filter(None, args.codecs.split(","))]:
+                if codec == "float32":
+                    res, nbytes = exact_knn(docs, queries, max(cands), "ip"), 4 * docs.shape[1]
+                else:
+                    t = time.perf_counter()
+                    index = Index(codec, metric="ip").fit(docs)
+                    index.add(docs)
+                    print(f"{spec} {codec}: fit+add {time.perf_counter() - t:.0f} s", flush=True)
+                    res, nbytes = index.search(queries, max(cands)), index.bytes_per_vector()
+                rows += _rows(spec, codec, nbytes, enc.output_dim, res.ids, exact, cands, qtok, dtok, ds,
+                              len(ds.corpus_ids) / enc_s)
     (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
+
+
+def _rows(spec, codec, nbytes, dim, ids, exact, cands, qtok, dtok, ds, docs_per_s) -> list[dict]:
+    rows = []
+    for c in cands:
+        hit = float(np.mean([np.isin(exact[i], ids[i, :c]).mean() for i in range(len(exact))]))
+        rr = rerank_chamfer(qtok, dtok, ids[:, :c], 10)
+        ndcg = beir_metrics(rr.ids, rr.distances, ds.query_ids, ds.corpus_ids, ds.qrels, ("ndcg@10",),
+                            backend="numpy")["ndcg@10"]
+        row = {"spec": spec, "codec": codec, "bytes_per_doc": nbytes, "fde_dim": dim, "candidates": c,
+               "cand_recall_chamfer_top10": hit, "ndcg@10_reranked": ndcg, "encode_docs_per_s": round(docs_per_s, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -71,12 +71,21 @@ def as_ragged(clouds: Any, *, name: str = "clouds") -> Ragged:
     return vectors, offsets
 
 
-def _gray_partition(bits: np.ndarray) -> np.ndarray:
-    """Partition index of sketch bits (..., k) (first bit = first hyperplane): the reference's
-    ``AppendToGrayCode`` fold, i.e. the inverse Gray code of the bits read top bit first."""
+def _sketch_codes(bits: np.ndarray) -> np.ndarray:
+    """Sketch code of bits (..., k) (bool), first hyperplane in the top bit: int64 (...)."""
     k = bits.shape[-1]
-    inv = np.bitwise_xor.accumulate(bits.astype(np.int64), axis=-1)  # p_j = s_0 ^ ... ^ s_j
-    return (inv << np.arange(k - 1, -1, -1, dtype=np.int64)).sum(axis=-1)
+    return bits.astype(np.uint8) @ (np.int64(1) << np.arange(k - 1, -1, -1, dtype=np.int64))
+
+
+def _gray_partition(code: np.ndarray) -> np.ndarray:
+    """Partition index of sketch codes: the reference's ``AppendToGrayCode`` fold over the bits, top bit
+    first, i.e. the inverse Gray code (p_j = s_0 ^ ... ^ s_j), computed by xor-shifts."""
+    p = code.copy()
+    shift = 1
+    while shift < 32:
+        p ^= p >> shift
+        shift *= 2
+    return p
 
 
 def _partition_bits(k: int) -> np.ndarray:
@@ -203,16 +212,16 @@ class FDEEncoder:
         lengths = np.diff(offsets)
         seg = np.repeat(np.arange(n), lengths)  # cloud of each point
         if k > 0:
-            sims = np.einsum("td,rdk->trk", x, self.simhash_.astype(x.dtype), optimize=True)
-            bits = (sims > 0).astype(np.int64)  # (T, R, k)
-            part = _gray_partition(bits)  # (T, R)
+            w = self.simhash_.astype(x.dtype).transpose(1, 0, 2).reshape(x.shape[1], r * k)
+            code = _sketch_codes((x @ w).reshape(t, r, k) > 0)  # (T, R)
+            part = _gray_partition(code)
         else:
-            bits = np.zeros((t, r, 0), dtype=np.int64)
-            part = np.zeros((t, r), dtype=np.int64)
+            code = part = np.zeros((t, r), dtype=np.int64)
         if self.projection_ is None:
             proj = np.broadcast_to(x[:, None, :], (t, r, x.shape[1]))
         else:
-            proj = np.einsum("td,rdp->trp", x, self.projection_.astype(x.dtype), optimize=True)
+            pw = self.projection_.astype(x.dtype).transpose(1, 0, 2).reshape(x.shape[1], -1)
+            proj = (x @ pw).reshape(t, r, -1)
         p = proj.shape[2]
         # one slot per (cloud, repetition, partition); sum the projected points into their slots
         slot = (seg[:, None] * r + np.arange(r)[None, :]) * b + part  # (T, R)
@@ -228,17 +237,16 @@ class FDEEncoder:
         nz = counts > 0
         sums[nz] /= counts[nz, None]
         if self.fill_empty and k > 0 and not nz.all():
-            self._fill(sums, nz, bits, seg, offsets, proj)
+            self._fill(sums, nz, code, seg, offsets, proj)
         return sums.reshape(n, r * b * p)
 
-    def _fill(self, sums: np.ndarray, occupied: np.ndarray, bits: np.ndarray, seg: np.ndarray,
+    def _fill(self, sums: np.ndarray, occupied: np.ndarray, code: np.ndarray, seg: np.ndarray,
               offsets: np.ndarray, proj: np.ndarray) -> None:
         """Each empty (cloud, repetition, partition) slot takes the projected point of that cloud whose
         sketch bits are Hamming-nearest to the partition's, the first such point on ties."""
         r, k = self.repetitions, self.simhash_bits
         b = 2**k
-        t = bits.shape[0]
-        code = (bits << np.arange(k - 1, -1, -1, dtype=np.int64)).sum(axis=2)  # (T, R) sketch code, top bit first
+        t = code.shape[0]
         local = np.arange(t) - offsets[seg]  # point's index inside its cloud
         n = offsets.shape[0] - 1
         # first point of each (cloud, repetition, code): the only candidate among equal codes
