@@ -485,7 +485,8 @@ def limit_probe(
                             "paper_fit": round(fit, 2), "seed": seed, "max_iters": max_iters, "patience": patience,
                             "trials": r.trials})
         atomic_write_text(out / "probe.json", json.dumps(records, indent=1))
-        plot_probe(out / "probe.json", out / "probe.png")
+        plot_probe(out / "probe.json", out / "probe.png",
+                   checks=out / "checks.json" if (out / "checks.json").is_file() else None)
     _out.print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}", markup=False)
 
 

@@ -13,8 +13,10 @@ from embpress.atomic import atomic_open
 from embpress.limit.probe import paper_critical_n
 
 
-def plot_probe(records: str | os.PathLike, png: str | os.PathLike) -> Path:
-    """Draw ``probe.json`` (a list of runs: d, k, codec, critical_n) to ``png``; returns its path."""
+def plot_probe(records: str | os.PathLike, png: str | os.PathLike, *, checks: str | os.PathLike | None = None) -> Path:
+    """Draw ``probe.json`` (a list of runs: d, k, codec, critical_n) to ``png``; returns its path.
+
+    ``checks``: a ``checks.json`` of single-n checks (``--at``); each success is drawn as a lower bound."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,6 +27,8 @@ def plot_probe(records: str | os.PathLike, png: str | os.PathLike) -> Path:
         raise ValueError(f"{records}: no probe runs to plot")
     fig, ax = plt.subplots(figsize=(6, 4.2))
     dims = sorted({r["d"] for r in runs})
+    if checks is not None:
+        dims = sorted(set(dims) | {c["d"] for c in json.loads(Path(checks).read_text())})
     grid = np.geomspace(max(2, min(dims) / 1.5), max(dims) * 1.5, 100)
     ax.plot(grid, [paper_critical_n(d) for d in grid], "k--", lw=1,
             label="paper fit: -10.53 + 4.03d + 0.052d² + 0.0037d³")
@@ -35,6 +39,12 @@ def plot_probe(records: str | os.PathLike, png: str | os.PathLike) -> Path:
         pts = sorted((r["d"], r["critical_n"]) for r in runs if r["codec"] == codec)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(codec.split("x")[0], "^"),
                 ls="-" if codec == "float32" else ":", label=f"measured, docs {codec}")
+    if checks is not None:
+        ok = [c for c in json.loads(Path(checks).read_text()) if c["success"] and c["codec"] == "float32"]
+        if ok:
+            ax.plot([c["d"] for c in ok], [c["n"] for c in ok], "k^", mfc="none", ms=8,
+                    label="float32 succeeds at this n (lower bound, no search)")
+            dims = sorted(set(dims) | {c["d"] for c in ok})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("dimension d")
