@@ -88,12 +88,6 @@ def _gray_partition(code: np.ndarray) -> np.ndarray:
     return p
 
 
-def _partition_bits(k: int) -> np.ndarray:
-    """(2^k,) sketch code (top bit = first hyperplane) of each partition index: ``p ^ (p >> 1)``."""
-    p = np.arange(2**k, dtype=np.int64)
-    return p ^ (p >> 1)
-
-
 class FDEEncoder:
     """MUVERA fixed dimensional encoder (queries SUM, documents AVERAGE), vectorised over ragged batches.
 
@@ -255,15 +249,22 @@ class FDEEncoder:
         np.minimum.at(first, key, np.repeat(local, r))
         first = first.reshape(n, r, b)
         has = first < np.iinfo(np.int64).max
-        ham = np.bitwise_count((np.arange(b)[:, None] ^ _partition_bits(k)[None, :]).astype(np.uint64))
         empty = np.flatnonzero(~occupied)
         ci, rest = np.divmod(empty, r * b)
         ri, pi = np.divmod(rest, b)
-        # rank candidates by (Hamming distance, point index): distance * big + index, minimum wins
+        codes = np.arange(b, dtype=np.uint64)[None, :]
+        gray = (pi ^ (pi >> 1)).astype(np.uint64)  # the partitions' sketch bits
         big = np.int64(1) << 32
-        score = np.where(has[ci, ri], ham[:, pi].T.astype(np.int64) * big + first[ci, ri], np.iinfo(np.int64).max)
-        best_code = score.argmin(axis=1)
-        point = offsets[ci] + first[ci, ri, best_code]
+        point = np.empty(empty.size, dtype=np.int64)
+        step = max(1, (1 << 22) // b)  # bound the (empty slots, codes) work array
+        for s in range(0, empty.size, step):
+            e = min(empty.size, s + step)
+            dist = np.bitwise_count(codes ^ gray[s:e, None]).astype(np.int64)
+            # rank candidates by (Hamming distance, point index): distance * big + index, the minimum wins
+            cand, ok = first[ci[s:e], ri[s:e]], has[ci[s:e], ri[s:e]]
+            score = np.where(ok, dist * big + np.where(ok, cand, 0), np.iinfo(np.int64).max)
+            best = score.argmin(axis=1)
+            point[s:e] = offsets[ci[s:e]] + cand[np.arange(e - s), best]
         sums[empty] = proj[point, ri]
 
 
