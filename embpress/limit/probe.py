@@ -293,7 +293,8 @@ def check_at(n: int, d: int, *, k: int = 2, codecs: tuple[str, ...] = (), seed: 
     for spec, r in [("float32", base), *((s, codec_check(base, s, k=k, seed=seed, patience=patience)
                                          if base.success else base) for s in codecs)]:
         rec = {"d": d, "k": k, "codec": spec, "n": n, "success": r.success, "accuracy": r.accuracy,
-               "iterations": r.iterations, "seconds": round(r.seconds, 2)}
+               "iterations": r.iterations, "seconds": round(r.seconds, 2), "max_iters": max_iters,
+               "patience": patience}
         out.append(rec)
         if log:
             log(f"d={d} {spec} n={n}: {'ok ' if r.success else 'FAIL'} acc={r.accuracy:.5f} iters={r.iterations} "
