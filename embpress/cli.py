@@ -21,6 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 vectors_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                           help="Compress corpus vectors, search the codes, and benchmark recall against bytes.")
 app.add_typer(vectors_app, name="vectors", help="Compress, search and evaluate corpus vectors.")
+limit_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                        help="The LIMIT capacity probe and LIMIT-style retrieval data.")
+app.add_typer(limit_app, name="limit", help="LIMIT: critical n per dimension, and LIMIT-style data.")
 console = Console(stderr=True, soft_wrap=True)
 _out = Console(soft_wrap=True)
 
@@ -160,6 +163,12 @@ def vectors_eval(
     faiss: bool = typer.Option(True, "--faiss/--no-faiss", help="Measure the FAISS equivalents."),
     qps_time: float = typer.Option(0.5, "--qps-time", help="Seconds of repeated searches per queries/s figure."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    multivector: str | None = typer.Option(
+        None, "--multivector", help="MUVERA over the model's token states, e.g. 'fde:R=20,k=5,dproj=8' (with "
+        "--beir): single vector, exact Chamfer, and FDE through each --codecs codec + Chamfer re-rank."),
+    candidates: str = typer.Option("10,20,50,100", "--candidates", help="FDE candidates re-ranked (--multivector)."),
+    carve_tau: float | None = typer.Option(None, "--carve-tau",
+                                           help="Ball-carve query tokens at this similarity (--multivector)."),
 ) -> None:
     """Benchmark codecs on vectors (--base) or on a BEIR folder encoded with a text model (--beir)."""
     from embpress.bench.ctr import parse_list
@@ -195,6 +204,15 @@ def vectors_eval(
                 build_codec(s)  # syntax check before loading or encoding anything
 
     _guard(check_specs)
+    if multivector is not None:
+        if beir is None:
+            _fail("--multivector needs --beir (token states come from encoding the texts)")
+        cands = _guard(lambda: parse_list(candidates, int, "candidates"))
+        if any(c < k for c in cands):
+            _fail(f"--candidates must all be >= --k {k}, got {candidates!r}")
+        _guard(lambda: _multivector_eval(beir, model, split, cache, encode_threads, multivector, specs, cands, k,
+                                         seed, threads, carve_tau, out, progress))
+        return
     _check_out(out, "vectors")
 
     def load() -> EvalSet:
@@ -236,6 +254,35 @@ def vectors_eval(
     md, png = _guard(lambda: render_report(out))
     _out.print(f"wrote {out / 'results.jsonl'}, {md}, {png}", markup=False)
 
+
+
+def _multivector_eval(beir: Path, model: str | None, split: str, cache: Path | None, encode_threads: int | None,
+                      spec: str, codecs: list[str], candidates: tuple[int, ...], k: int, seed: int, threads: int,
+                      carve_tau: float | None, out: Path, progress: bool) -> None:
+    """The --multivector branch of ``vectors eval``."""
+    from threadpoolctl import threadpool_limits
+
+    from embpress.bench.multivector import run_multivector_eval, write_multivector_report
+    from embpress.vectors.beir import load_beir
+    from embpress.vectors.encode import default_model_path, encode_texts, encode_token_states, model_label
+    from embpress.vectors.multivector import parse_fde_spec
+
+    parse_fde_spec(spec)
+    ds = load_beir(beir, split=split)
+    model_name = model or default_model_path()
+    _out.print(f"{ds.name}: {len(ds.corpus_ids):,} documents, {len(ds.query_ids):,} judged queries", markup=False)
+    enc = {"model": model_name, "cache_dir": cache, "num_threads": encode_threads, "progress": progress}
+    xq = encode_texts(ds.query_texts, description="queries", **enc)
+    xb = encode_texts(ds.corpus_texts, description="corpus", **enc)
+    tq = encode_token_states(ds.query_texts, description="query tokens", **enc)
+    tb = encode_token_states(ds.corpus_texts, description="corpus tokens", **enc)
+    with threadpool_limits(threads):
+        rows = run_multivector_eval(corpus_ids=ds.corpus_ids, query_ids=ds.query_ids, qrels=ds.qrels,
+                                    doc_vectors=xb, query_vectors=xq, doc_tokens=tb, query_tokens=tq, encoder=spec,
+                                    codecs=codecs, candidates=candidates, k=k, seed=seed, carve_tau=carve_tau,
+                                    log=lambda m: _out.print(m, markup=False))
+    md = write_multivector_report(rows, out, title=f"{ds.name}:{model_label(model_name)} {spec}", k=k)
+    _out.print(f"wrote {out / 'multivector.json'} and {md}", markup=False)
 
 @vectors_app.command("build")
 def vectors_build(
@@ -357,6 +404,117 @@ def _internal_error(e: Exception) -> NoReturn:
                   "for the traceback, and please report it)", markup=False, highlight=False)
     sys.exit(1)
 
+
+@limit_app.command("probe")
+def limit_probe(
+    dims: str = typer.Option("4,8,16,32", "--dims", help="Comma-separated dimensions."),
+    k: int = typer.Option(2, "--k", help="Relevant documents per query (every k-subset is a query)."),
+    codecs: str = typer.Option("", "--codecs",
+                               help="Document storage to probe after float32, e.g. 'sq8,sq4,bin,pq' ('pq' = pq{d/2}x4, 2 bits "
+                               "per dim, probed at d >= 16 only: its k-means needs 16 documents)."),
+    codec_dims: str | None = typer.Option(None, "--codec-dims", help="Dimensions the codecs are probed at (default all)."),
+    out: Path = typer.Option(Path("runs/limit-probe"), "--out", help="Folder for probe.json and probe.png."),
+    seed: int = typer.Option(0, "--seed"),
+    max_iters: int = typer.Option(100_000, "--max-iters", help="Iteration cap per optimisation (reference 100k)."),
+    patience: int = typer.Option(1000, "--patience", help="Early stop after this many steps without loss gain."),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+    at: int | None = typer.Option(None, "--at", help="Check this one n (no search) at every --dims; "
+                                  "records go to checks.json."),
+) -> None:
+    """Critical n (largest corpus whose every k-subset is some query's top-k) per dimension, free embeddings."""
+    import json
+
+    from embpress.atomic import atomic_write_text
+    from embpress.bench.ctr import parse_list
+    from embpress.bench.limit_plot import plot_probe
+
+    for value, option in ((k, "--k"), (max_iters, "--max-iters"), (patience, "--patience"), (threads, "--threads")):
+        _positive(value, option)
+    dim_list = _guard(lambda: parse_list(dims, int, "dims"))
+    cdims = set(dim_list) if codec_dims is None else set(_guard(lambda: parse_list(codec_dims, int, "codec-dims")))
+    specs = [s.strip() for s in codecs.split(",") if s.strip()]
+    for d in dim_list:
+        if d < 1:
+            _fail(f"--dims: every dimension must be >= 1, got {d}")
+
+    def expand(spec: str, d: int) -> str | None:
+        if spec != "pq":
+            return spec
+        return f"pq{d // 2}x4" if d >= 16 else None
+
+    def for_dim(d: int) -> tuple[str, ...]:
+        return tuple(e for e in (expand(s, d) for s in specs) if e is not None) if d in cdims else ()
+
+    def check() -> None:
+        from embpress.vectors import build_codec
+
+        for d in cdims:
+            for s in for_dim(d):
+                build_codec(s)
+
+    _guard(check)
+    import torch
+
+    from embpress.limit.probe import paper_critical_n, probe
+
+    if at is not None and at <= k:
+        _fail(f"--at must exceed --k {k}, got {at}")
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    if at is not None:
+        from embpress.limit.probe import check_at
+
+        path = out / "checks.json"
+        checks = json.loads(path.read_text()) if path.is_file() else []
+        for d in dim_list:
+            checks += _guard(lambda d=d: check_at(at, d, k=k, codecs=for_dim(d), seed=seed, max_iters=max_iters,
+                                                  patience=patience, log=lambda m: _out.print(m, markup=False)))
+            atomic_write_text(path, json.dumps(checks, indent=1))
+        _out.print(f"wrote {path}", markup=False)
+        return
+    records: list[dict] = []
+    for d in dim_list:
+        runs = _guard(lambda d=d: probe(d, k=k, codecs=for_dim(d),
+                                        seed=seed, max_iters=max_iters, patience=patience,
+                                        log=lambda m: _out.print(m, markup=False)))
+        for r in runs:
+            fit = paper_critical_n(d)
+            _out.print(f"d={d} k={k} {r.codec}: critical n = {r.critical_n} (paper fit {fit:.1f}, "
+                       f"{r.critical_n / fit - 1:+.0%})", markup=False)
+            records.append({"d": r.d, "k": r.k, "codec": r.codec, "critical_n": r.critical_n,
+                            "paper_fit": round(fit, 2), "seed": seed, "max_iters": max_iters, "patience": patience,
+                            "trials": r.trials})
+        atomic_write_text(out / "probe.json", json.dumps(records, indent=1))
+        plot_probe(out / "probe.json", out / "probe.png",
+                   checks=out / "checks.json" if (out / "checks.json").is_file() else None)
+    _out.print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}", markup=False)
+
+
+
+@limit_app.command("generate")
+def limit_generate(
+    docs: int = typer.Option(..., "--docs", help="Documents (46 gives a LIMIT-small-sized set, 50000 LIMIT)."),
+    out: Path = typer.Option(..., "--out", help="Folder for corpus.jsonl, queries.jsonl, qrels.jsonl."),
+    seed: int = typer.Option(0, "--seed"),
+    queries: int = typer.Option(1000, "--queries", help="Queries (each asks about one item)."),
+    k: int = typer.Option(2, "--k", help="Relevant documents per query."),
+    items_per_doc: int = typer.Option(45, "--items-per-doc", help="Items each person likes."),
+    vocab_from: Path | None = typer.Option(None, "--vocab-from",
+                                           help="A LIMIT folder whose items and names to reuse (default: pseudo-words)."),
+) -> None:
+    """Write a LIMIT-style retrieval set ("<name> likes A, B, ...", "Who likes X?") in the MTEB/BEIR layout."""
+    from embpress.limit.data import generate_limit, vocab_from_corpus, write_limit
+
+    for value, option in ((docs, "--docs"), (queries, "--queries"), (k, "--k"), (items_per_doc, "--items-per-doc")):
+        _positive(value, option)
+    if vocab_from is not None and not (vocab_from / "corpus.jsonl").is_file():
+        _fail(f"--vocab-from {vocab_from}: no corpus.jsonl there")
+    vocab = _guard(lambda: vocab_from_corpus(vocab_from)) if vocab_from is not None else None
+    data = _guard(lambda: generate_limit(docs, n_queries=queries, k=k, items_per_doc=items_per_doc, seed=seed,
+                                         vocab=vocab))
+    _guard(lambda: write_limit(data, out))
+    _out.print(f"wrote {out}: {len(data.corpus_ids):,} documents, {len(data.query_ids):,} queries, "
+               f"{sum(len(v) for v in data.qrels.values()):,} qrels", markup=False)
 
 if __name__ == "__main__":
     main()

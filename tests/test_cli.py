@@ -96,6 +96,12 @@ CASES = [
     ("vectors build --base {d}/base.npy --index ivf500,sq8 --out {d}/r", "nlist=500 needs at least 500"),
     ("vectors search {d}/missing --queries {d}/base.npy --out {d}/r", "not an embpress index folder"),
     ("vectors search {d} --queries {d}/base.npy --k 0 --out {d}/r", "--k must be >= 1"),
+    ("limit probe --dims 4,x --out {d}/r", "--dims"),
+    ("limit probe --dims 4 --codecs zz9 --out {d}/r", "zz9"),
+    ("limit probe --dims 4 --at 2 --out {d}/r", "--at must exceed --k 2"),
+    ("limit generate --docs 5 --out {d}/r", "need at least 46 documents"),
+    ("limit generate --docs 50 --vocab-from {d} --out {d}/r", "no corpus.jsonl"),
+    ("vectors eval --base {d}/base.npy --multivector fde:R=2 --codecs sq8 --out {d}/r", "--multivector needs --beir"),
 ]
 
 
@@ -173,3 +179,16 @@ def test_vectors_build_and_search(files, capsys):
     code, output = run_main(["vectors", "search", str(out), "--queries", str(files / "base.npy"),
                              "--nprobe", "5"], capsys)
     assert code == 2 and "nprobe=5 exceeds nlist=4" in output
+
+
+def test_limit_probe_and_generate(tmp_path, capsys):
+    import json
+
+    code, output = run_main(["limit", "probe", "--dims", "2", "--codecs", "sq8", "--out", str(tmp_path / "p")], capsys)
+    assert code in (0, None), output
+    runs = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert [r["codec"] for r in runs] == ["float32", "sq8"] and runs[0]["critical_n"] >= 3
+    assert (tmp_path / "p" / "probe.png").stat().st_size > 0
+    code, output = run_main(["limit", "generate", "--docs", "60", "--queries", "30", "--items-per-doc", "10",
+                             "--out", str(tmp_path / "g")], capsys)
+    assert code in (0, None) and "60 documents, 30 queries, 60 qrels" in output, output

@@ -14,6 +14,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -152,3 +153,102 @@ def encode_texts(texts: Sequence[str], *, model: str | None = None, batch_size: 
     with atomic_open(path, "wb") as fh:
         np.save(fh, out, allow_pickle=False)
     return out
+
+
+class TokenStates(NamedTuple):
+    """Ragged multi-vector texts: text ``i`` owns rows ``offsets[i]:offsets[i+1]`` of ``vectors``.
+
+    ``vectors`` is (T, D) (float16 or float32, possibly a read-only memmap); ``offsets`` (N+1,) int64
+    starts at 0 and ends at T.
+    """
+
+    vectors: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def n_texts(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    def get(self, i: int) -> np.ndarray:
+        """Token vectors of text ``i`` as float32 (n_i, D)."""
+        return np.asarray(self.vectors[self.offsets[i]:self.offsets[i + 1]], dtype=np.float32)
+
+
+def token_cache_paths(texts: Sequence[str], *, model: str, cache_dir: str | os.PathLike | None = None,
+                      normalize: bool = True, dtype: str = "float16") -> tuple[Path, Path]:
+    """(vectors, offsets) ``.npy`` paths where :func:`encode_token_states` keeps ``texts`` under ``model``."""
+    base = cache_path(texts, model=model, cache_dir=cache_dir, normalize=normalize)
+    key = hashlib.sha256(f"{base.name}\ntokens\n{dtype}".encode()).hexdigest()[:24]
+    stem = base.name.rsplit("-", 1)[0]
+    return base.with_name(f"{stem}-tok-{key}.npy"), base.with_name(f"{stem}-tok-{key}.offsets.npy")
+
+
+def encode_token_states(texts: Sequence[str], *, model: str | None = None, batch_size: int = 32,
+                        cache_dir: str | os.PathLike | None = None, normalize: bool = True,
+                        dtype: str = "float16", device: str = "cpu", num_threads: int | None = None,
+                        progress: bool = True, description: str = "encoding tokens") -> TokenStates:
+    """Per-token vectors of ``texts``: the frozen last hidden states of a sentence-transformers model.
+
+    These are sentence-transformers' ``output_value="token_embeddings"`` (the transformer's output
+    before pooling, padding removed, special tokens kept), optionally L2-normalised per token, stored
+    ragged on disk: one (T, D) array plus (N+1,) offsets, memory-mapped on a cache hit. Multi-vector
+    documents from a single-vector model, as in SMART-style late interaction (no ColBERT weights).
+
+    Args:
+        texts: N strings. model: as :func:`encode_texts`. batch_size: texts per forward pass.
+        cache_dir: cache folder. normalize: L2-normalise each token vector (part of the key).
+        dtype: ``"float16"`` or ``"float32"`` storage (part of the key).
+        device, num_threads, progress, description: as :func:`encode_texts`.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode_token_states got no texts")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, expected str")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    model = model or default_model_path()
+    vec_path, off_path = token_cache_paths(texts, model=model, cache_dir=cache_dir, normalize=normalize,
+                                           dtype=dtype)
+    if vec_path.is_file() and off_path.is_file():
+        try:
+            vectors = np.load(vec_path, mmap_mode="r", allow_pickle=False)
+            offsets = np.load(off_path, allow_pickle=False)
+            if (offsets.shape == (len(texts) + 1,) and vectors.ndim == 2 and vectors.dtype == np.dtype(dtype)
+                    and offsets[0] == 0 and offsets[-1] == vectors.shape[0]):
+                return TokenStates(vectors, offsets.astype(np.int64))
+            warnings.warn(f"{vec_path}: cached token states do not match {len(texts)} texts; re-encoding",
+                          stacklevel=2)
+        except (ValueError, OSError) as e:
+            warnings.warn(f"{vec_path}: unreadable token cache ({e}); re-encoding", stacklevel=2)
+    st = _load_model(model, device)
+    if num_threads is not None:
+        import torch
+        torch.set_num_threads(num_threads)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    parts: list[np.ndarray | None] = [None] * len(texts)
+    chunk = max(batch_size * 4, 1)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task(description, total=len(texts))
+        for start in range(0, len(texts), chunk):
+            idx = order[start:start + chunk]
+            embs = st.encode([texts[i] for i in idx], batch_size=batch_size, show_progress_bar=False,
+                             output_value="token_embeddings", convert_to_numpy=False)
+            for i, e in zip(idx, embs, strict=True):
+                e = e.detach().float().cpu().numpy()
+                if normalize:
+                    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+                parts[i] = e.astype(dtype)
+            bar.advance(task, len(idx))
+    lengths = np.array([p.shape[0] for p in parts], dtype=np.int64)  # type: ignore[union-attr]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    vectors = np.concatenate(parts, axis=0)  # type: ignore[arg-type]
+    del parts
+    with atomic_open(vec_path, "wb") as fh:
+        np.save(fh, vectors, allow_pickle=False)
+    with atomic_open(off_path, "wb") as fh:  # written last: its presence marks a complete cache
+        np.save(fh, offsets, allow_pickle=False)
+    return TokenStates(np.load(vec_path, mmap_mode="r", allow_pickle=False), offsets)
