@@ -91,17 +91,19 @@ class Split:
         n = len(self)
         num_blocks = -(-n // BLOCK_ROWS)
         blocks = torch.randperm(num_blocks, generator=generator).numpy() if shuffle else np.arange(num_blocks)
+        # in order, a window only needs to be large enough for long reads: an eighth of one
+        per_window = WINDOW_BLOCKS if shuffle else max(1, WINDOW_BLOCKS // 8)
         arrays = {"dense": self.dense, "sparse": self.sparse, "label": self.label}
         # one set of buffers for the whole pass (fresh buffers per window fragment the heap: the
         # process's memory grew to 1.6 GB over an epoch); room for a window after the rows carried
         # over from the last one (fewer than a batch)
-        capacity = WINDOW_BLOCKS * BLOCK_ROWS + batch_size
+        capacity = per_window * BLOCK_ROWS + batch_size
         bufs = {k: np.empty((capacity, *a.shape[1:]), dtype=a.dtype) for k, a in arrays.items()}
         fds = {k: os.open(self.files[k].path, os.O_RDONLY) for k in arrays}
         try:
             carried = 0  # rows at the front of the buffers, already in the order they are yielded
-            for w in range(0, num_blocks, WINDOW_BLOCKS):
-                chosen = np.sort(blocks[w:w + WINDOW_BLOCKS]) if shuffle else blocks[w:w + WINDOW_BLOCKS]
+            for w in range(0, num_blocks, per_window):
+                chosen = np.sort(blocks[w:w + per_window]) if shuffle else blocks[w:w + per_window]
                 spans = [(int(b) * BLOCK_ROWS, min(n, (int(b) + 1) * BLOCK_ROWS)) for b in chosen]
                 read = sum(e - s for s, e in spans)
                 for kind, a in arrays.items():
@@ -114,7 +116,7 @@ class Split:
                 perm = torch.randperm(read, generator=generator).numpy() if shuffle else np.arange(read)
                 order = np.concatenate([np.arange(carried), perm + carried])
                 rows = carried + read
-                end = rows if w + WINDOW_BLOCKS >= num_blocks else rows - rows % batch_size
+                end = rows if w + per_window >= num_blocks else rows - rows % batch_size
                 for start in range(0, end, batch_size):
                     idx = order[start:min(start + batch_size, end)]
                     yield (torch.from_numpy(np.ascontiguousarray(bufs["dense"][idx], dtype=np.float32)),
