@@ -94,9 +94,14 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     at each distinct score. Written here because importing scikit-learn's metrics costs every
     training process about 140 MB of resident memory."""
     order = np.argsort(p, kind="stable")[::-1]
-    p_sorted, y_sorted = p[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(p_sorted)), len(p_sorted) - 1]  # last index of each distinct score
+    y_sorted = y[order]
+    p_sorted = p[order]
+    del order  # temporaries freed as soon as they are used: at 1M rows each is 8 MB
+    last = np.flatnonzero(p_sorted[1:] != p_sorted[:-1])  # last index of each distinct score ...
+    del p_sorted
+    last = np.append(last, len(y_sorted) - 1)  # ... and of the lowest
     tps = np.cumsum(y_sorted)[last]
+    del y_sorted
     fps = (last + 1) - tps
     pos, neg = tps[-1], fps[-1]
     tpr, fpr = np.r_[0.0, tps / pos], np.r_[0.0, fps / neg]

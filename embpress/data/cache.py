@@ -321,9 +321,11 @@ def read_dataset(folder: Path) -> CTRDataset:
         bounds = np.cumsum([0] + [f["num_embeddings"] for f in fields_meta])
         if counts.shape != (bounds[-1],):
             raise CacheError(f"{folder}: counts.npy has shape {counts.shape}, expected ({bounds[-1]},)")
-        fields = tuple(Field(f["name"], int(f["num_embeddings"]), counts[lo:hi])
-                       for f, lo, hi in zip(fields_meta, bounds[:-1], bounds[1:], strict=True))
-        _release_pages(counts)  # Field's checks read every count: give the pages back
+        fields = []
+        for f, lo, hi in zip(fields_meta, bounds[:-1], bounds[1:], strict=True):
+            fields.append(Field(f["name"], int(f["num_embeddings"]), counts[lo:hi]))
+            _release_pages(counts)  # Field's checks read the field's counts: give the pages back
+        fields = tuple(fields)
         splits = {}
         for s in _SPLITS:
             arrays = {}

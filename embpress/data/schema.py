@@ -14,8 +14,8 @@ from embpress.tables.base import Field
 
 BLOCK_ROWS = 4096
 """Rows per block of a windowed read (see :meth:`Split.batches`)."""
-WINDOW_BLOCKS = 64
-"""Blocks per window: 262,144 rows, about 42 MB for a Criteo row (13 dense + 26 ids + label)."""
+WINDOW_BLOCKS = 32
+"""Blocks per shuffle window: 131,072 rows, about 21 MB for a Criteo row (13 dense + 26 ids + label)."""
 
 
 @dataclass(frozen=True)

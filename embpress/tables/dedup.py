@@ -7,8 +7,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from embpress.tables.base import (
@@ -277,6 +275,9 @@ def merge_blocks(x: np.ndarray, target: int, priority: np.ndarray, *, tables: in
                 a, c = a[:take], c[:take]  # the shortest first
                 threshold = max(threshold, float(np.sqrt(d[take - 1])))
                 n = len(alive)
+                from scipy.sparse import coo_matrix  # here: scipy costs every process 20 MB
+                from scipy.sparse.csgraph import connected_components
+
                 graph = coo_matrix((np.ones(take), (a, c)), shape=(n, n))
                 ncomp, label = connected_components(graph, directed=False)
                 # The member of highest priority (then lowest index) serves each group.
