@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from content_vectors import clustered_content
 
 from embpress.data import SyntheticConfig, make_synthetic
 from embpress.tables import Field
@@ -22,13 +23,6 @@ def zipf_counts(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     c = (1e5 / np.arange(1, n + 1) ** 1.1).astype(np.int64) + rng.integers(0, 2, n)
     return np.sort(c)[::-1].copy()
-
-
-def clustered_content(n: int, dim: int = 16, clusters: int = 40, seed: int = 0) -> np.ndarray:
-    """``float32[n, dim]`` content vectors around ``clusters`` random centres (for semantic-ID tables)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim))
-    return (centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
 
 
 @pytest.fixture(scope="session")

@@ -199,10 +199,18 @@ def _train_all_stages(spec, data, ratio, seed=0):
 
 @pytest.fixture(scope="module")
 def micro_ctr():
+    import dataclasses
+
+    from content_vectors import clustered_content
+
     from embpress.data import SyntheticConfig, make_synthetic
 
-    return make_synthetic(SyntheticConfig(rows=2000, num_dense=2, num_fields=3, min_cardinality=20,
+    data = make_synthetic(SyntheticConfig(rows=2000, num_dense=2, num_fields=3, min_cardinality=20,
                                           max_cardinality=600, zipf=1.1, seed=5))
+    big = max(range(len(data.fields)), key=lambda j: data.fields[j].num_embeddings)
+    fields = tuple(dataclasses.replace(f, content=clustered_content(f.num_embeddings, seed=j)) if j == big else f
+                   for j, f in enumerate(data.fields))  # the largest carries content (semantic-ID tables)
+    return dataclasses.replace(data, fields=fields)
 
 
 @pytest.mark.parametrize("method", COMPRESSED)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import clustered_content
+from content_vectors import clustered_content
 from sklearn.metrics import roc_auc_score
 
 from embpress import serving

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from embpress.vectors.bebr import _TorchThreads
 from embpress.vectors.codec import Codec, register_codec
 from embpress.vectors.pq import OptimizedProductQuantizer, ProductQuantizer
 
@@ -53,21 +54,6 @@ _PSEUDO = ("corpus", "noisy")
 _METRICS = ("ip", "l2")
 _VAL_K = 10
 _BLOCK = 4096
-
-
-class _TorchThreads:
-    """Set torch's intra-op threads for a block and restore them."""
-
-    def __init__(self, n: int | None):
-        self.n, self.prev = n, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if self.n is not None:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.n is not None:
-            torch.set_num_threads(self.prev)
 
 
 class _DistillTrainer:
