@@ -83,6 +83,15 @@ def cache_path(texts: Sequence[str], *, model: str, cache_dir: str | os.PathLike
     return Path(cache_dir or default_cache_dir()) / f"{slug}-{key}.npy"
 
 
+def _model_and_order(texts, model: str, device: str, num_threads: int | None):
+    """The loaded model (torch's threads set when asked) and the texts' order by length (stable)."""
+    st = _load_model(model, device)
+    if num_threads is not None:
+        import torch
+        torch.set_num_threads(num_threads)
+    return st, np.argsort([len(t) for t in texts], kind="stable")
+
+
 def _load_model(model: str, device: str):
     try:
         from sentence_transformers import SentenceTransformer
@@ -127,12 +136,8 @@ def encode_texts(texts: Sequence[str], *, model: str | None = None, batch_size: 
                           stacklevel=2)
         except (ValueError, OSError) as e:
             warnings.warn(f"{path}: unreadable cache ({e}); re-encoding", stacklevel=2)
-    st = _load_model(model, device)
-    if num_threads is not None:
-        import torch
-        torch.set_num_threads(num_threads)
     # Encode in length order (less padding), then put the rows back in the caller's order.
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    st, order = _model_and_order(texts, model, device, num_threads)
     out: np.ndarray | None = None
     chunk = max(batch_size * 4, 1)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -222,11 +227,7 @@ def encode_token_states(texts: Sequence[str], *, model: str | None = None, batch
                           stacklevel=2)
         except (ValueError, OSError) as e:
             warnings.warn(f"{vec_path}: unreadable token cache ({e}); re-encoding", stacklevel=2)
-    st = _load_model(model, device)
-    if num_threads is not None:
-        import torch
-        torch.set_num_threads(num_threads)
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    st, order = _model_and_order(texts, model, device, num_threads)
     parts: list[np.ndarray | None] = [None] * len(texts)
     chunk = max(batch_size * 4, 1)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
