@@ -13,28 +13,12 @@ import argparse
 import time
 
 import torch
+from ctr_scale import PlainEmbedding  # benchmarks/ is the script's directory, first on sys.path
 from torch import nn
 
 from embpress.data import SyntheticConfig, make_synthetic
 from embpress.models import build_model
 from embpress.tables import build_table
-from embpress.tables.base import CompressedTable
-from embpress.tables.full import INIT_STD
-
-
-class PlainEmbedding(CompressedTable):
-    """What a user writes without embpress: one dense-gradient nn.Embedding over all fields."""
-
-    method = "plain"
-    reference = True
-
-    def __init__(self, *, fields, dim, budget=None):
-        super().__init__(fields=fields, dim=dim, budget=budget)
-        self.weight = nn.Embedding(self.total_ids, dim)
-        nn.init.normal_(self.weight.weight, std=INIT_STD)
-
-    def _lookup(self, ids):
-        return self.weight(self.global_ids(ids))
 
 
 def throughput(model, data, steps: int, batch: int) -> float:
