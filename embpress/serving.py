@@ -577,8 +577,8 @@ def _code_bits(choices: int) -> int:
     return code_bits(choices)
 
 
-@register_served("dhe")
-class DHEServed(ServedTable):
+@register_served("dhe-shared")
+class SharedDHEServed(ServedTable):
     """Dense hash encoding, then the decoder's Linear layers (BatchNorm folded) with Mish between them."""
 
     needs = ("hash_a", "hash_b", "weight0", "bias0")
@@ -598,6 +598,38 @@ class DHEServed(ServedTable):
             if i < self.layers - 1:
                 x = nn.functional.mish(x)
         return x[inverse]
+
+
+@register_served("dhe")
+class DHEServed(ServedTable):
+    """Per field with a network: the dense hash encoding of the id, then that field's Linear layers
+    (BatchNorm folded) with Mish between them; the other fields read their plain ``rows``."""
+
+    def setup(self) -> None:
+        self.networks = [j for j in range(self.num_fields) if f"net{j}/weight0" in self._names]
+        self.depth = sum(1 for n in self._names if n.startswith("net") and "/weight" in n) // max(1, len(self.networks))
+        self.plain = [j for j in range(self.num_fields) if j not in self.networks]
+        sizes = self._sizes[self.plain]
+        self.register_buffer("_plain_offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        from embpress.tables.dhe import dhe_encode
+
+        cols: list[torch.Tensor | None] = [None] * self.num_fields
+        if self.plain:
+            rows = nn.functional.embedding(ids[:, self.plain] + self._plain_offsets, self.array("rows"))
+            for i, j in enumerate(self.plain):
+                cols[j] = rows[:, i]
+        for j in self.networks:
+            uniq, inverse = torch.unique(ids[:, j], return_inverse=True)
+            x = dhe_encode(uniq, self.array("hash_a").long(), self.array("hash_b").long(),
+                           int(self.spec["num_buckets"]), self.spec["distribution"])
+            for i in range(self.depth):
+                x = nn.functional.linear(x, self.array(f"net{j}/weight{i}"), self.array(f"net{j}/bias{i}"))
+                if i < self.depth - 1:
+                    x = nn.functional.mish(x)
+            cols[j] = x[inverse]
+        return torch.stack(cols, 1)
 
 
 @register_served("alpt")

@@ -17,6 +17,7 @@ from embpress.train import TrainConfig, train
 
 QUANTIZED = ["hash+int8", "qr+int8", "unified+int16", "robe+int8"]
 RATIO = {"int8": 2.0, "int16": 1.3, "int8-qat": 3.9, "int16-qat": 1.9}
+HPARAMS = {"dhe": {"num_hash": 64}}  # 1024 int32 hash pairs alone (8 KB) exceed these tiny budgets
 
 
 def _served_base(method: str) -> str:
@@ -26,7 +27,7 @@ def _served_base(method: str) -> str:
 def _trained(method, data):
     torch.manual_seed(0)
     budget = None if "+" not in method and table_class(method).reference else Ratio(RATIO.get(method, 4.0))
-    table = build_table(method, fields=data.fields, dim=8, budget=budget)
+    table = build_table(method, fields=data.fields, dim=8, budget=budget, **HPARAMS.get(method, {}))
     model = build_model("dlrm", table=table, num_dense=data.num_dense, bottom=(16,), top=(16,))
     train(model, data, TrainConfig(epochs=1, batch_size=256, max_steps_per_epoch=4, evals_per_epoch=1,
                                    progress=False))

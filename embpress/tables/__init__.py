@@ -31,7 +31,7 @@ from embpress.tables.base import (
 from embpress.tables.dedup import DedupTable
 from embpress.tables.deeplight import DeepLightTable
 from embpress.tables.dhash import DoubleHashTable
-from embpress.tables.dhe import DeepHashEmbedding
+from embpress.tables.dhe import DeepHashEmbedding, SharedDeepHashEmbedding
 from embpress.tables.dnis import DNISTable
 from embpress.tables.dpq import DPQTable
 from embpress.tables.full import FullTable, NoIdTable
@@ -55,7 +55,7 @@ __all__ = [
     "QRTable", "UnifiedTable", "PostTrainingQuantized", "Int8Table", "Int16Table",
     "TTTable",
     "MGQETable", "DedupTable",
-    "AdaptiveEmbedding", "DoubleHashTable", "DeepHashEmbedding", "RobeTable",
+    "AdaptiveEmbedding", "DoubleHashTable", "DeepHashEmbedding", "SharedDeepHashEmbedding", "RobeTable",
     "Int8QATTable", "Int16QATTable", "ALPTTable", "DPQTable", "PEPTable", "DeepLightTable", "AutoSrhTable",
     "MDETable", "AutoDimTable", "DNISTable", "OptEmbedTable",
     "SemanticIdTable", "SemanticNgramTable", "SemanticHashTable",
