@@ -700,7 +700,7 @@ class MGQEServed(ServedTable):
         return torch.stack(out, 1)
 
 
-@register_served("pep", "deeplight", "magprune")
+@register_served("pep", "deeplight", "magprune", "autosrh")
 class CSRServed(ServedTable):
     """Pruned rows in CSR form: a pointer per 64 rows plus the lengths of the rows before it in its group."""
 
@@ -727,7 +727,7 @@ class CSRServed(ServedTable):
         return out[:, : self.dim].reshape(*ids.shape, self.dim)
 
 
-@register_served("autosrh")
+@register_served("autosrh-cols")
 class BlockColumnsServed(ServedTable):
     """Frequency blocks, each storing only its kept columns for every id of every field in it."""
 

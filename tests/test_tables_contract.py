@@ -79,7 +79,7 @@ def test_bad_ids_raise(method, small_fields, ids, exc, msg):
         t(ids)
 
 
-SERVING_ONLY = ("pep", "deeplight", "autosrh", "optembed", "autodim", "dedup", "int8", "dpq", "mgqe")
+SERVING_ONLY = ("pep", "deeplight", "autosrh", "autosrh-cols", "optembed", "autodim", "dedup", "int8", "dpq", "mgqe")
 """Methods that train a full-size table (or supernet) and compress it afterwards."""
 DURING_TRAINING = ("hash", "qr", "unified", "tt", "robe", "dhash", "mde", "dhe", "dhe-shared")
 

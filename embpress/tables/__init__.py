@@ -9,7 +9,7 @@ True
 from embpress.tables.adapt import AdaptiveEmbedding
 from embpress.tables.alpt import ALPTTable
 from embpress.tables.autodim import AutoDimTable
-from embpress.tables.autosrh import AutoSrhTable
+from embpress.tables.autosrh import AutoSrhColumnsTable, AutoSrhTable
 from embpress.tables.base import (
     Budget,
     BudgetError,
@@ -56,7 +56,7 @@ __all__ = [
     "TTTable",
     "MGQETable", "DedupTable",
     "AdaptiveEmbedding", "DoubleHashTable", "DeepHashEmbedding", "SharedDeepHashEmbedding", "RobeTable",
-    "Int8QATTable", "Int16QATTable", "ALPTTable", "DPQTable", "PEPTable", "DeepLightTable", "AutoSrhTable",
+    "Int8QATTable", "Int16QATTable", "ALPTTable", "DPQTable", "PEPTable", "DeepLightTable", "AutoSrhTable", "AutoSrhColumnsTable",
     "MDETable", "AutoDimTable", "DNISTable", "OptEmbedTable",
     "SemanticIdTable", "SemanticNgramTable", "SemanticHashTable",
 ]

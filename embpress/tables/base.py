@@ -212,6 +212,9 @@ class Stage:
             stage that ``stop`` ended (the state it stopped at is the one it asked for).
         groups: called at the stage's start (after ``before``) to name parameter groups with
             their own optimiser (:class:`ParamGroup`); the rest get the trainer's defaults.
+        train_head: False keeps the model head (everything but the table) fixed for the stage: only
+            the table's parameters train, as in a search that tunes the embeddings and their
+            architecture alone.
     """
 
     name: str
@@ -224,6 +227,7 @@ class Stage:
     on_step: Callable[[StageContext], None] | None = None
     stop: Callable[[StageContext], bool] | None = None
     groups: Callable[[], Sequence[ParamGroup]] | None = None
+    train_head: bool = True
 
 
 # ----------------------------------------------------------------------------- registry

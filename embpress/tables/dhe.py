@@ -295,7 +295,7 @@ class DeepHashEmbedding(CompressedTable):
 
     >>> t = DeepHashEmbedding(fields=[Field("user", 100_000), Field("site", 30)], dim=16, budget="10x")
     >>> t.num_hash, t.hidden, t.network_fields, t.serving_bytes() <= t.max_bytes
-    (1024, 108, (0,), True)
+    (1024, 106, (0,), True)
     """
 
     family = "inter"
