@@ -256,10 +256,10 @@ class AutoSrhColumnsTable(CompressedTable):
         """The pairs a server would store now: the pruned set, or before the prune the current selection."""
         return self.kept if int(self.phase) == 2 else self._select(self.salience())
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._bytes(self._served_kept().numpy())
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """``bounds [F, nsplit + 1]``, ``col_ptr [nsplit + 1]``, ``cols`` (uint8 for D <= 256) and
         ``values/<b> float32[rows_b, k_b]`` with ``alpha`` folded in."""
         with torch.no_grad():
@@ -418,10 +418,10 @@ class AutoSrhTable(CompressedTable):
         out = self.weight(gid) * self.alpha[self._block[gid].long()]
         return out * self.mask[gid] if int(self.phase) == 3 else out
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return csr_bytes(self.total_ids, self.dim, self.nnz_)
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """CSR ``values`` (fp32 ``w * alpha``), ``indices``, ``row_len``, ``group_ptr`` (``sparse_storage``)."""
         with torch.no_grad():
             values = self.scaled_weight()

@@ -91,6 +91,7 @@ class SharedDeepHashEmbedding(CompressedTable):
             raise ValueError(f"{self.method}: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if self.total_ids >= PRIME:
             raise ValueError(f"{self.method}: {self.total_ids:,} ids in all exceed the hash prime {PRIME:,}")
+        self.reserve_metadata({"num_buckets": 0, "distribution": distribution})
         self.hidden = self._largest_hidden()
         if self.hidden < 1:
             raise BudgetError(
@@ -127,11 +128,11 @@ class SharedDeepHashEmbedding(CompressedTable):
 
     def _largest_hidden(self) -> int:
         lo, hi = 0, 1
-        while self._bytes_for(hi) <= self.max_bytes:
+        while self.fits(self._bytes_for(hi)):
             lo, hi = hi, hi * 2
         while hi - lo > 1:  # bytes(lo) fits (or lo == 0), bytes(hi) does not
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._bytes_for(mid) <= self.max_bytes else (lo, mid)
+            lo, hi = (mid, hi) if self.fits(self._bytes_for(mid)) else (lo, mid)
         return lo
 
     # -- lookup -------------------------------------------------------------------------------
@@ -173,10 +174,10 @@ class SharedDeepHashEmbedding(CompressedTable):
         """``(weight [out, in], bias [out])`` of each Linear with its eval-mode BatchNorm folded in."""
         return fold_batch_norm(self.mlp)
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._bytes_for(self.hidden)
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         state = {"hash_a": self.hash_a.numpy(), "hash_b": self.hash_b.numpy(),
                  "field_offsets": self._offsets.numpy().astype(np.int64)}
         for i, (w, b) in enumerate(self.folded_layers()):
@@ -322,6 +323,7 @@ class DeepHashEmbedding(CompressedTable):
         if distribution == "gaussian" and num_hash % 2:
             raise ValueError(f"dhe: the gaussian encoding pairs hashes (Box-Muller): num_hash must be even, "
                              f"got {num_hash}")
+        self.reserve_metadata({"num_buckets": 0, "distribution": distribution})
         self.hidden = self._largest_hidden()
         if self.hidden < 1:
             raise BudgetError(
@@ -370,13 +372,13 @@ class DeepHashEmbedding(CompressedTable):
         rows the table no longer changes, so the search stops there."""
         biggest = max(f.num_embeddings for f in self.fields) * self.dim * FP32_BYTES
         lo, hi = 0, 1
-        while self._bytes_for(hi) <= self.max_bytes:
+        while self.fits(self._bytes_for(hi)):
             if self.network_bytes(hi) >= biggest:
                 return hi
             lo, hi = hi, hi * 2
         while hi - lo > 1:  # bytes(lo) fits (or lo == 0), bytes(hi) does not
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._bytes_for(mid) <= self.max_bytes else (lo, mid)
+            lo, hi = (mid, hi) if self.fits(self._bytes_for(mid)) else (lo, mid)
         return lo
 
     # -- lookup -------------------------------------------------------------------------------
@@ -411,10 +413,10 @@ class DeepHashEmbedding(CompressedTable):
 
     # -- serving ------------------------------------------------------------------------------
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._bytes_for(self.hidden)
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """``hash_a``, ``hash_b`` (int32 ``[k]``, when a field has a network), ``rows`` (fp32, the plain
         fields' rows in field order) and ``net<j>/weight<i>``, ``net<j>/bias<i>`` for field ``j``'s network."""
         state: dict[str, np.ndarray] = {}
