@@ -14,9 +14,10 @@ from embpress.train import TrainConfig, evaluate, train
 METHODS = registered_tables()
 COMPRESSED = [m for m in METHODS if not table_class(m).reference]
 
-# Most methods are checked at 4x. Quantizers reach at most 4x (less at small dims).
-CONTRACT_RATIO = {"int8": 2.0, "int16": 1.3, "int8-qat": 3.9, "int16-qat": 1.9}
-LEARN_RATIO = {"int8": 2.0, "int16": 1.3, "int8-qat": 3.9, "int16-qat": 1.9}
+# Most methods are checked at 4x. Quantizers reach at most 4x (less at small dims; int8 at dim 8 reaches
+# 2x less its metadata).
+CONTRACT_RATIO = {"int8": 1.95, "int16": 1.3, "int8-qat": 3.9, "int16-qat": 1.9}
+LEARN_RATIO = {"int8": 1.95, "int16": 1.3, "int8-qat": 3.9, "int16-qat": 1.9}
 TINY_HPARAMS = {"dhe": {"num_hash": 64}}
 """Settings for the suite's tiny tables: dhe's 1024 int32 hash pairs alone are 8 KB, more than these budgets."""
 
@@ -234,9 +235,10 @@ def test_trained_result_is_deterministic_and_within_budget(method, micro_ctr):
     assert a.serving_bytes() == state_nbytes(sa) <= a.max_bytes
 
 
-INT8_RATIO = {"alpt": 6.0, "int8-qat": 3.9, "int16-qat": 1.9}
+INT8_RATIO = {"alpt": 6.0, "int8-qat": 3.9, "int16-qat": 1.9, "dhe": 4.0}
 """``METHOD+int8`` at 8x (the inner method gets about 2x), less where the method reaches less: a QAT
-table's int8/int16 codes are no float arrays, +int8 only quantizes its per-field scales."""
+table's int8/int16 codes are no float arrays, +int8 only quantizes its per-field scales; dhe's hash pairs and
+per-network metadata (array shapes) leave too little of these tiny budgets at 8x."""
 QUANTIZABLE = [m for m in COMPRESSED if m not in ("int8", "int16")]
 
 

@@ -33,9 +33,10 @@ def test_budget_arithmetic_and_largest_network(small_fields):
     t = build_table("dhe-shared", fields=small_fields, dim=8, budget=Ratio(4), layers=3)
     k, h = t.num_inputs, t.hidden
     weights = (k + 1) * h + 2 * (h + 1) * h + (h + 1) * 8
-    assert t.serving_bytes() == weights * 4 + (2 * k + 3) * 8 <= t.full_bytes // 4
+    meta = 8 + 8 + len("uniform")  # the spec: num_buckets, and the distribution's length and text
+    assert t.serving_bytes() == weights * 4 + (2 * k + 3) * 8 + meta <= t.full_bytes // 4
     assert k == h  # below k = 1024 the encoding is as wide as the hidden layers
-    assert t._bytes_for(h + 1) > t.max_bytes
+    assert t._bytes_for(h + 1) > t.array_budget == t.max_bytes - meta
     assert t.flops_per_lookup() == k * h + 2 * h * h + h * 8
 
 
@@ -161,8 +162,9 @@ def test_paper_encoding_network_per_large_field_and_small_fields_as_rows():
     # the budget arithmetic: int32 (a, b) pairs, two folded networks, the small fields' rows
     k, h = 1024, t.hidden
     net = ((k + 1) * h + 4 * (h + 1) * h + (h + 1) * 16) * 4
-    assert t.serving_bytes() == 2 * k * 4 + 2 * net + (30 + 900) * 16 * 4 <= t.max_bytes
-    assert t._bytes_for(h + 1) > t.max_bytes  # only the MLP width shrank to fit
+    meta = 8 + 8 + len("uniform")  # the spec: num_buckets, and the distribution's length and text
+    assert t.serving_bytes() == 2 * k * 4 + 2 * net + (30 + 900) * 16 * 4 + meta <= t.max_bytes
+    assert t._bytes_for(h + 1) > t.array_budget  # only the MLP width shrank to fit
     state = t.serving_state()
     assert state["hash_a"].dtype == np.int32 and state["hash_a"].shape == (1024,)
     assert sum(v.nbytes for v in state.values()) == t.serving_bytes()
