@@ -2,9 +2,11 @@
 
 ``table.save_serving(path)`` (:func:`save`) writes exactly the arrays of ``serving_state()`` at
 their stored precision into a safetensors file (no pickle, memory-mappable) whose metadata holds
-a small JSON header: format version, method spec, fields (name, ids), dim, the method's serving
-spec (the few settings its lookup needs that no array holds, e.g. Q-R's ``operation``) and a
-CRC-32 of the array bytes. The file is ``serving_bytes()`` plus the safetensors header.
+a small JSON header: format version, method spec, fields (name, ids), dim, the structure of the
+method's serving spec (the few settings its lookup needs beyond its arrays, e.g. Q-R's
+``operation``: their values are stored as the ``meta/*`` arrays and counted in ``serving_bytes()``,
+see :func:`embpress.tables.base.spec_arrays`) and a CRC-32 of the array bytes. The file is
+``serving_bytes()`` plus the safetensors header.
 
 :func:`load` rebuilds an inference-only ``nn.Module`` from those arrays: it holds them as buffers
 (no parameters, no optimizer state, no supernet, no training class) and its lookups equal the
@@ -38,7 +40,9 @@ import torch
 from torch import nn
 
 FORMAT = "embpress-serving"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
+"""Versions :func:`read` accepts: 1 kept the serving spec in the header, 2 keeps its values in arrays."""
 _META_KEY = "embpress"
 _CRC_CHUNK = 1 << 26
 
@@ -65,6 +69,7 @@ def save(table: Any, path: str | os.PathLike) -> None:
     from safetensors.numpy import save_file
 
     from embpress import __version__
+    from embpress.tables.base import spec_schema
 
     path = Path(path)
     state = {k: np.ascontiguousarray(v) for k, v in table.serving_state().items()}
@@ -76,7 +81,7 @@ def save(table: Any, path: str | os.PathLike) -> None:
         "format": FORMAT, "version": VERSION, "embpress_version": __version__,
         "method": table.method, "dim": table.dim,
         "fields": [[f.name, int(f.num_embeddings)] for f in table.fields],
-        "spec": table.serving_spec(), "serving_bytes": nbytes, "crc32": _crc(state),
+        "spec_schema": spec_schema(table.serving_spec()), "serving_bytes": nbytes, "crc32": _crc(state),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -122,9 +127,9 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tenso
                              f"save_serving") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"serving artifact {path}: header format is not {FORMAT!r}")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READS:
         raise ValueError(f"serving artifact {path} has format version {header.get('version')!r}; this "
-                         f"embpress reads version {VERSION}")
+                         f"embpress reads versions {list(READS)}")
     expected = 8 + hlen + int(header.get("serving_bytes", -1))
     if size != expected:
         raise ValueError(f"serving artifact {path} is {size:,} bytes but its header describes {expected:,}: "
@@ -140,14 +145,19 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def load(path: str | os.PathLike) -> ServedTable:
     """An inference-only table served from the artifact at ``path`` (see the module docstring)."""
+    from embpress.tables.base import SPEC_INTS, SPEC_TEXT, spec_from_arrays
+
     header, arrays = read(path)
     method = header["method"]
     cls = served_class(method)
     try:
+        if "spec_schema" in header:
+            spec = spec_from_arrays(header["spec_schema"], arrays.get(SPEC_INTS), arrays.get(SPEC_TEXT))
+        else:  # version 1
+            spec = header.get("spec") or {}
         return cls(fields=[(str(n), int(s)) for n, s in header["fields"]], dim=int(header["dim"]),
-                   arrays=arrays,
-                   spec=header.get("spec") or {}, method=method)
-    except (KeyError, IndexError, TypeError) as e:
+                   arrays=arrays, spec=spec, method=method)
+    except (KeyError, IndexError, TypeError, StopIteration, UnicodeDecodeError) as e:
         raise ValueError(f"serving artifact {path}: arrays do not match method {method!r} ({e!r})") from None
 
 
@@ -386,7 +396,8 @@ class QuantizedServed(ServedTable):
     def __init__(self, *, fields: Sequence[tuple[str, int]], dim: int, arrays: dict[str, torch.Tensor],
                  spec: dict[str, Any], method: str) -> None:
         super().__init__(fields=fields, dim=dim, arrays=arrays, spec=spec, method=method)
-        inner_arrays = {k: v for k, v in arrays.items() if not k.endswith((".codes", ".scale", ".offset"))}
+        inner_arrays = {k: v for k, v in arrays.items()
+                        if not k.endswith((".codes", ".scale", ".offset")) and not k.startswith("meta/")}
         # quantized parameters (param_of: serving array -> parameter) or quantized serving arrays
         rebuild = spec["param_of"] if "param_of" in spec else {k: [k, shape] for k, shape in spec["arrays"].items()}
         for inner_name, (param, shape) in rebuild.items():
@@ -577,8 +588,8 @@ def _code_bits(choices: int) -> int:
     return code_bits(choices)
 
 
-@register_served("dhe")
-class DHEServed(ServedTable):
+@register_served("dhe-shared")
+class SharedDHEServed(ServedTable):
     """Dense hash encoding, then the decoder's Linear layers (BatchNorm folded) with Mish between them."""
 
     needs = ("hash_a", "hash_b", "weight0", "bias0")
@@ -598,6 +609,38 @@ class DHEServed(ServedTable):
             if i < self.layers - 1:
                 x = nn.functional.mish(x)
         return x[inverse]
+
+
+@register_served("dhe")
+class DHEServed(ServedTable):
+    """Per field with a network: the dense hash encoding of the id, then that field's Linear layers
+    (BatchNorm folded) with Mish between them; the other fields read their plain ``rows``."""
+
+    def setup(self) -> None:
+        self.networks = [j for j in range(self.num_fields) if f"net{j}/weight0" in self._names]
+        self.depth = sum(1 for n in self._names if n.startswith("net") and "/weight" in n) // max(1, len(self.networks))
+        self.plain = [j for j in range(self.num_fields) if j not in self.networks]
+        sizes = self._sizes[self.plain]
+        self.register_buffer("_plain_offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        from embpress.tables.dhe import dhe_encode
+
+        cols: list[torch.Tensor | None] = [None] * self.num_fields
+        if self.plain:
+            rows = nn.functional.embedding(ids[:, self.plain] + self._plain_offsets, self.array("rows"))
+            for i, j in enumerate(self.plain):
+                cols[j] = rows[:, i]
+        for j in self.networks:
+            uniq, inverse = torch.unique(ids[:, j], return_inverse=True)
+            x = dhe_encode(uniq, self.array("hash_a").long(), self.array("hash_b").long(),
+                           int(self.spec["num_buckets"]), self.spec["distribution"])
+            for i in range(self.depth):
+                x = nn.functional.linear(x, self.array(f"net{j}/weight{i}"), self.array(f"net{j}/bias{i}"))
+                if i < self.depth - 1:
+                    x = nn.functional.mish(x)
+            cols[j] = x[inverse]
+        return torch.stack(cols, 1)
 
 
 @register_served("alpt")
@@ -668,7 +711,7 @@ class MGQEServed(ServedTable):
         return torch.stack(out, 1)
 
 
-@register_served("pep", "deeplight", "magprune")
+@register_served("pep", "deeplight", "magprune", "autosrh")
 class CSRServed(ServedTable):
     """Pruned rows in CSR form: a pointer per 64 rows plus the lengths of the rows before it in its group."""
 
@@ -695,7 +738,7 @@ class CSRServed(ServedTable):
         return out[:, : self.dim].reshape(*ids.shape, self.dim)
 
 
-@register_served("autosrh")
+@register_served("autosrh-cols")
 class BlockColumnsServed(ServedTable):
     """Frequency blocks, each storing only its kept columns for every id of every field in it."""
 

@@ -140,7 +140,8 @@ class _Optimizers:
     """RowSparseAdam for sparse-gradient parameters, Adam for the others, Adam for arch parameters,
     and one optimiser per :class:`ParamGroup` a stage names (its parameters leave the defaults)."""
 
-    def __init__(self, model: CTRModel, cfg: TrainConfig, groups: Sequence[ParamGroup] = ()) -> None:
+    def __init__(self, model: CTRModel, cfg: TrainConfig, groups: Sequence[ParamGroup] = (),
+                 train_head: bool = True) -> None:
         table = model.table
         grouped: dict[int, str] = {}
         for g in groups:
@@ -152,7 +153,8 @@ class _Optimizers:
         arch = {id(p) for p in table.arch_parameters()}
         sparse = [p for p in table.sparse_parameters() if p.requires_grad and id(p) not in grouped]
         sparse_ids = {id(p) for p in table.sparse_parameters()}
-        dense = [p for p in model.parameters()
+        trainable = model.parameters() if train_head else table.parameters()
+        dense = [p for p in trainable
                  if p.requires_grad and id(p) not in sparse_ids and id(p) not in arch and id(p) not in grouped]
         self.opts: list[torch.optim.Optimizer] = []
         if sparse:
@@ -271,7 +273,7 @@ class Trainer:
         best_auc, best_state, bad_evals = -math.inf, None, 0
         samples, train_time = 0, 0.0
         if total_steps > 0:
-            opt = _Optimizers(model, cfg, stage.groups() if stage.groups is not None else ())
+            opt = _Optimizers(model, cfg, stage.groups() if stage.groups is not None else (), stage.train_head)
             batches = _infinite(self.data.train, cfg.batch_size, self.gen)
             vbatches = _infinite(self.data.valid, cfg.batch_size, self.gen) if stage.bilevel else None
             model.train()

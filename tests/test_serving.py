@@ -12,11 +12,12 @@ import torch
 from embpress import serving
 from embpress.models import build_model
 from embpress.tables import Field, Ratio, build_table, registered_tables, table_class
-from embpress.tables.base import state_nbytes
+from embpress.tables.base import spec_arrays, spec_bytes, spec_from_arrays, spec_schema, state_nbytes
 from embpress.train import TrainConfig, train
 
 QUANTIZED = ["hash+int8", "qr+int8", "unified+int16", "robe+int8"]
-RATIO = {"int8": 2.0, "int16": 1.3, "int8-qat": 3.9, "int16-qat": 1.9}
+RATIO = {"int8": 1.95, "int16": 1.3, "int8-qat": 3.9, "int16-qat": 1.9}
+HPARAMS = {"dhe": {"num_hash": 64}}  # 1024 int32 hash pairs alone (8 KB) exceed these tiny budgets
 
 
 def _served_base(method: str) -> str:
@@ -26,7 +27,7 @@ def _served_base(method: str) -> str:
 def _trained(method, data):
     torch.manual_seed(0)
     budget = None if "+" not in method and table_class(method).reference else Ratio(RATIO.get(method, 4.0))
-    table = build_table(method, fields=data.fields, dim=8, budget=budget)
+    table = build_table(method, fields=data.fields, dim=8, budget=budget, **HPARAMS.get(method, {}))
     model = build_model("dlrm", table=table, num_dense=data.num_dense, bottom=(16,), top=(16,))
     train(model, data, TrainConfig(epochs=1, batch_size=256, max_steps_per_epoch=4, evals_per_epoch=1,
                                    progress=False))
@@ -52,6 +53,10 @@ def test_artifact_after_all_stages(method, tiny_ctr, tmp_path):
     assert _served_base(method) in serving.served_methods()
     served = serving.load(path)
     assert served.serving_bytes() == table.serving_bytes()
+    # the metadata is counted: the spec's values are stored as arrays, and the loader reads them back
+    spec = table.serving_spec()
+    assert table.serving_bytes() == table.array_bytes() + spec_bytes(spec)
+    assert served.spec == json.loads(json.dumps(spec))
     assert not list(served.parameters()), "a served table holds buffers only"
     ids = torch.from_numpy(np.asarray(tiny_ctr.test.sparse[:512], dtype=np.int64))
     with torch.no_grad():
@@ -118,6 +123,24 @@ def test_header_names_method_fields_and_spec(artifact):
         meta = json.loads(json.loads(fh.read(hlen))["__metadata__"]["embpress"])
     assert meta["method"] == "hash" and meta["dim"] == 4 and meta["fields"] == [["a", 1000], ["b", 7]]
     assert meta["serving_bytes"] == t.serving_bytes() and isinstance(meta["crc32"], int)
+    assert "spec" not in meta and "spec_schema" in meta  # the spec's values live in counted arrays
+
+
+def test_metadata_is_stored_as_arrays_and_counted():
+    spec = {"bits": 4, "mode": "mult", "scale": 0.25, "flag": True, "none": None,
+            "num_high": {"user": 30, "item": 7}, "shape": [[100, 8], "wé"]}
+    arrays = spec_arrays(spec)
+    assert arrays["meta/ints"].dtype == np.int64 and arrays["meta/text"].dtype == np.uint8
+    # one int64 word per number and per string (its length), plus the strings' UTF-8 bytes
+    assert spec_bytes(spec) == 8 * 9 + len("mult") + len("wé".encode()) == state_nbytes(arrays)
+    assert spec_from_arrays(spec_schema(spec), arrays["meta/ints"], arrays["meta/text"]) == spec
+    assert spec_bytes({}) == 0 and spec_arrays({}) == {}
+    with pytest.raises(TypeError, match=r"spec\.bad has type set"):
+        spec_bytes({"bad": {1}})
+    # a table with a spec counts it: Q-R's operation is 8 + 4 bytes beyond its arrays
+    t = build_table("qr", fields=[Field("a", 1000), Field("b", 7)], dim=4, budget=Ratio(4))
+    assert t.serving_bytes() == t.array_bytes() + 12 == state_nbytes(t.serving_state())
+    assert set(t.serving_state()) - set(t.serving_arrays()) == {"meta/ints", "meta/text"}
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):

@@ -101,6 +101,6 @@ def test_param_group_errors(data):
 
 def test_quantized_wrapper_forwards_the_hooks():
     """``METHOD+int8`` runs the inner method's per-step hooks with the inner table as ``ctx.table``."""
-    t = build_table("deeplight+int8", fields=[Field("a", 50), Field("b", 30)], dim=4, budget="10x")
+    t = build_table("deeplight+int8", fields=[Field("a", 500), Field("b", 300)], dim=4, budget="10x")
     prune = next(s for s in t.stages() if s.name == "prune")
     assert prune.on_step is not None

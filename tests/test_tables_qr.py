@@ -38,12 +38,13 @@ def _numpy_lookup(state: dict[str, np.ndarray], sizes: list[int], ids: np.ndarra
 
 
 def test_budget_arithmetic_is_exact():
-    t = QRTable(fields=[Field("a", 3), Field("b", 10_000)], dim=4, budget=4_000)
+    t = QRTable(fields=[Field("a", 3), Field("b", 10_000)], dim=4, budget=4_012)
     # field a stays full (3 rows); field b: 194 remainder rows + ceil(10000/194) = 52 quotient rows
     assert t.moduli == [0, 194] and t.q_rows == [52]
-    assert t.serving_bytes() == (3 + 194 + 52) * 4 * 4 + 2 * 8 == 4_000
+    meta = 8 + len("mult")  # the operation: its length and text
+    assert t.serving_bytes() == (3 + 194 + 52) * 4 * 4 + 2 * 8 + meta == 4_012
     # one more remainder row (195 + 52) no longer fits
-    assert (3 + 195 + 52) * 16 + 16 > 4_000
+    assert (3 + 195 + 52) * 16 + 16 + meta > 4_012
     assert state_nbytes(t.serving_state()) == t.serving_bytes()
 
 
@@ -134,7 +135,7 @@ def test_bad_hyper_parameters():
         QRTable(fields=_fields(), dim=8, budget=Ratio(4), operation="max")
     with pytest.raises(ValueError, match="needs dim >= 2"):
         QRTable(fields=_fields(), dim=1, budget=Ratio(2), operation="concat")
-    with pytest.raises(BudgetError, match="budget allows 100"):
+    with pytest.raises(BudgetError, match="budget allows 88"):  # 100 less the metadata
         QRTable(fields=_fields(), dim=8, budget=100)
 
 
@@ -199,11 +200,12 @@ def test_fewest_partitions_largest_first():
     t = QRTable(fields=fields, dim=16, budget=16_000)
     assert t.partitions == [2, 3]
     state = t.serving_state()
-    assert set(state) == {"weight_r", "weight_q", "weight_p3_0", "weight_p3_1", "weight_p3_2", "radices"}
+    assert set(state) == {"weight_r", "weight_q", "weight_p3_0", "weight_p3_1", "weight_p3_2", "radices",
+                          "meta/ints", "meta/text"}
     assert state["radices"][0, 0] == 0 and state["radices"][0, 2] == t.moduli[0]
     assert t.serving_bytes() == state_nbytes(state) <= 16_000
     # the two-partition case keeps its state layout
-    assert set(QRTable(fields=fields, dim=16, budget=Ratio(10)).serving_state()) == {"weight_r", "weight_q", "moduli"}
+    assert set(QRTable(fields=fields, dim=16, budget=Ratio(10)).serving_arrays()) == {"weight_r", "weight_q", "moduli"}
 
 
 @pytest.mark.parametrize("operation", ["mult", "add", "concat"])

@@ -43,7 +43,9 @@ def test_row_error_is_at_most_half_a_step(bits):
 
 def test_int8_bytes_per_row_and_max_ratio():
     t = Int8Table(fields=_fields(), dim=16, budget=Ratio(2.5))
-    assert t.serving_bytes() == 5307 * (16 + 8) == state_nbytes(t.serving_state())
+    # codes, a scale and an offset per row, and the metadata: "full" and "int8" (8 bytes of length and
+    # the text each), the quantized parameter's name (8 + 13) and shape (2 x 8)
+    assert t.serving_bytes() == 5307 * (16 + 8) + 61 == state_nbytes(t.serving_state())
     with pytest.raises(BudgetError, match=r"int8 reaches at most ratio 2.67 at dim 16"):
         Int8Table(fields=_fields(), dim=16, budget=Ratio(3))
     with pytest.raises(BudgetError, match=r"int16 reaches at most ratio 1.33 at dim 8"):
@@ -52,7 +54,7 @@ def test_int8_bytes_per_row_and_max_ratio():
 
 def test_quantize_writes_dequantized_weights_and_freezes():
     torch.manual_seed(0)
-    t = Int8Table(fields=_fields(), dim=8, budget=Ratio(2))
+    t = Int8Table(fields=_fields(), dim=8, budget=Ratio(1.99))  # 2x exactly leaves no room for the metadata
     w = t.inner.weight.weight.detach().clone()
     before = t.serving_state()                        # computed on the fly
     t.quantize()
@@ -114,7 +116,7 @@ def test_stages_are_inner_stages_then_quantize(monkeypatch):
             return [Stage("warmup", epochs=1, before=lambda ctx: seen.append(ctx.table)), Stage("train")]
 
     monkeypatch.setitem(tables_base._TABLES, "twostage", TwoStage)
-    t = build_table("twostage+int8", fields=_fields(), dim=8, budget=Ratio(2))
+    t = build_table("twostage+int8", fields=_fields(), dim=8, budget=Ratio(1.99))
     stages = t.stages()
     assert [s.name for s in stages] == ["warmup", "train", "quantize"]
     assert [s.epochs for s in stages] == [1, None, 0]
@@ -142,8 +144,8 @@ def test_spec_errors(monkeypatch):
     class HalfServed(FullTable):
         """Serves its weight in fp16 plus an extra float vector: not its parameters as stored."""
 
-        def serving_state(self):
-            return {"weight": super().serving_state()["weight"], "norms": np.ones(3, np.float32)}
+        def serving_arrays(self):
+            return {"weight": super().serving_arrays()["weight"], "norms": np.ones(3, np.float32)}
 
     monkeypatch.setitem(tables_base._TABLES, "halfserved", HalfServed)
     with pytest.raises(ValueError, match="does not serve its parameters as stored.*no served lookup"):

@@ -9,7 +9,7 @@ True
 from embpress.tables.adapt import AdaptiveEmbedding
 from embpress.tables.alpt import ALPTTable
 from embpress.tables.autodim import AutoDimTable
-from embpress.tables.autosrh import AutoSrhTable
+from embpress.tables.autosrh import AutoSrhColumnsTable, AutoSrhTable
 from embpress.tables.base import (
     Budget,
     BudgetError,
@@ -31,7 +31,7 @@ from embpress.tables.base import (
 from embpress.tables.dedup import DedupTable
 from embpress.tables.deeplight import DeepLightTable
 from embpress.tables.dhash import DoubleHashTable
-from embpress.tables.dhe import DeepHashEmbedding
+from embpress.tables.dhe import DeepHashEmbedding, SharedDeepHashEmbedding
 from embpress.tables.dnis import DNISTable
 from embpress.tables.dpq import DPQTable
 from embpress.tables.full import FullTable, NoIdTable
@@ -55,8 +55,8 @@ __all__ = [
     "QRTable", "UnifiedTable", "PostTrainingQuantized", "Int8Table", "Int16Table",
     "TTTable",
     "MGQETable", "DedupTable",
-    "AdaptiveEmbedding", "DoubleHashTable", "DeepHashEmbedding", "RobeTable",
-    "Int8QATTable", "Int16QATTable", "ALPTTable", "DPQTable", "PEPTable", "DeepLightTable", "AutoSrhTable",
+    "AdaptiveEmbedding", "DoubleHashTable", "DeepHashEmbedding", "SharedDeepHashEmbedding", "RobeTable",
+    "Int8QATTable", "Int16QATTable", "ALPTTable", "DPQTable", "PEPTable", "DeepLightTable", "AutoSrhTable", "AutoSrhColumnsTable",
     "MDETable", "AutoDimTable", "DNISTable", "OptEmbedTable",
     "SemanticIdTable", "SemanticNgramTable", "SemanticHashTable",
 ]

@@ -178,13 +178,13 @@ class AdaptiveEmbedding(CompressedTable):
 
     # -- serving ------------------------------------------------------------------------------
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         promoted = [int(p) for p in self.num_promoted]
         remap = sum(p for p, m in zip(promoted, self.shared_rows, strict=True) if m > 0)
         rows = sum(promoted) + sum(self.shared_rows)
         return rows * self.dim * FP32_BYTES + remap * INT32_BYTES + PER_FIELD_INTS * INT64_BYTES * self.num_fields
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """Per field, exclusive rows in promoted-id order, the sorted promoted ids and the shared rows."""
         weight = self.exclusive_weight.weight.detach()
         rows, promoted_ids = [], []

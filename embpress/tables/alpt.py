@@ -103,12 +103,13 @@ class ALPTTable(CompressedTable):
 
     Serving state: ``codes`` (``total * D`` codes of ``bits`` bits, offset to unsigned and packed
     back to back, little-endian) and ``step`` (``float32[total]``). Serving bytes:
-    ``ceil(total * D * bits / 8) + 4 * total``. Shapes: ids ``[N, F]`` -> ``[N, F, D]``.
+    ``ceil(total * D * bits / 8) + 4 * total``, plus 8 for the bit width (metadata). Shapes: ids
+    ``[N, F]`` -> ``[N, F, D]``.
 
     >>> from embpress.tables import Ratio
-    >>> t = ALPTTable(fields=[Field("a", 1000)], dim=8, budget=Ratio(4))
+    >>> t = ALPTTable(fields=[Field("a", 1000)], dim=8, budget=Ratio(4))   # 4 bits would need 8,008 bytes
     >>> t.bits_, t.serving_bytes(), t.codes.dtype
-    (4, 8000, torch.int8)
+    (3, 7008, torch.int8)
     """
 
     family = "intra"
@@ -125,8 +126,9 @@ class ALPTTable(CompressedTable):
         if init_step is not None and not init_step > 0:
             raise ValueError(f"alpt: init_step must be positive, got {init_step!r}")
         self.bits, self.lr, self.optimizer, self.init_step, self.seed = bits, lr, optimizer, init_step, seed
+        self.reserve_metadata({"bits": 0})
         for b in (bits,) if bits is not None else AUTO_BITS:
-            if self._bytes(b) <= self.max_bytes:
+            if self.fits(self._bytes(b)):
                 self.bits_ = b
                 break
         else:
@@ -223,10 +225,10 @@ class ALPTTable(CompressedTable):
     def _requantize(self, ctx: StageContext) -> None:
         self.flush()
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._bytes(self.bits_)
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         self.flush()
         unsigned = self.codes.long().numpy() + self.q_n
         return {"codes": pack_codes(unsigned, self.bits_), "step": to_numpy(self.step_sizes())}

@@ -258,11 +258,11 @@ class AutoDimTable(CompressedTable):
     def _dims(self) -> list[int]:
         return self.final_dims.tolist() if self.finalized else self.plan_dims()
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         idx = [self.candidates_.index(d) for d in self._dims()]
         return int(self._field_bytes[np.arange(self.num_fields), idx].sum())
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         state = {}
         for j, (f, d) in enumerate(zip(self.fields, self._dims(), strict=True)):
             if self.finalized:

@@ -1,4 +1,10 @@
-"""AutoSrh: per-frequency-block dimension search with L1-sparse salience weights (Kong et al., TKDE 2022).
+"""AutoSrh: per-frequency-block salience weights searched with an L1 penalty (Kong et al., TKDE 2022).
+
+Two tables. ``autosrh`` follows the VLDB 2024 study's code (Hsword/Hetu ``EmbeddingMemoryCompression``
+``scheduler/autosrh.py``): warm-up, a search in which only the embeddings (on training batches) and
+``alpha`` (on validation batches) train, a retrain with ``alpha`` frozen, then ``w * alpha`` pruned
+unstructured to the budget's number of nonzeros and stored as CSR. ``autosrh-cols`` is an earlier
+variant that prunes whole (block, dim) columns before the retrain; the rest of this docstring is its.
 
 The ids of all fields are split by training frequency into ``nsplit`` blocks of about equal size
 (ties stay together; Hsword/Hetu ``get_whole_frequency_grouping``). Each (block, dim) pair has a
@@ -34,12 +40,22 @@ from embpress.tables.base import (
     BudgetError,
     CompressedTable,
     Field,
+    ParamGroup,
     Stage,
     StageContext,
     register_table,
 )
 from embpress.tables.full import INIT_STD
-from embpress.tables.sparse_storage import FP32_BYTES, block_columns_bytes, block_columns_encode, col_dtype
+from embpress.tables.sparse_storage import (
+    FP32_BYTES,
+    block_columns_bytes,
+    block_columns_encode,
+    col_dtype,
+    csr_bytes,
+    csr_encode,
+    csr_nonzeros_at_budget,
+    keep_top,
+)
 
 
 def frequency_blocks(fields: Sequence[Field], nsplit: int) -> np.ndarray:
@@ -77,9 +93,10 @@ def frequency_blocks(fields: Sequence[Field], nsplit: int) -> np.ndarray:
     return bounds
 
 
-@register_table("autosrh")
-class AutoSrhTable(CompressedTable):
-    """AutoSrh dimension search per frequency block (Kong et al., TKDE 2022); see the module docstring.
+@register_table("autosrh-cols")
+class AutoSrhColumnsTable(CompressedTable):
+    """AutoSrh with column pruning (a variant of Kong et al., TKDE 2022): whole (block, dim) columns
+    pruned by salience before the retrain; see the module docstring.
 
     Args:
         nsplit: number of frequency blocks (study: 6).
@@ -92,7 +109,7 @@ class AutoSrhTable(CompressedTable):
     id bounds. Shapes: ids ``[N, F]`` -> ``[N, F, D]``; ``alpha [nsplit, D]``.
 
     >>> from embpress.tables import Ratio
-    >>> t = AutoSrhTable(fields=[Field("a", 6000)], dim=8, budget=Ratio(4))
+    >>> t = AutoSrhColumnsTable(fields=[Field("a", 6000)], dim=8, budget=Ratio(4))
     >>> t.block_rows_.tolist(), int(t.kept_.sum()), t.serving_bytes() <= 6000 * 8
     ([1000, 1000, 1000, 1000, 1000, 1000], 11, True)
     """
@@ -104,9 +121,9 @@ class AutoSrhTable(CompressedTable):
                  retrain_epochs: int | None = None) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)
         if not (isinstance(nsplit, int) and nsplit >= 1):
-            raise ValueError(f"autosrh: nsplit must be an int >= 1, got {nsplit!r}")
+            raise ValueError(f"{self.method}: nsplit must be an int >= 1, got {nsplit!r}")
         if not l1 >= 0:
-            raise ValueError(f"autosrh: l1 must be >= 0, got {l1!r}")
+            raise ValueError(f"{self.method}: l1 must be >= 0, got {l1!r}")
         self.nsplit, self.l1 = nsplit, l1
         self.warmup_epochs, self.search_epochs, self.retrain_epochs = warmup_epochs, search_epochs, retrain_epochs
         self.bounds_ = frequency_blocks(self.fields, nsplit)
@@ -120,7 +137,7 @@ class AutoSrhTable(CompressedTable):
             # Without one column for the most frequent ids every id but a few rare ties is a zero vector:
             # the table would "meet" the budget by serving nothing, so the budget is out of reach.
             raise BudgetError(
-                f"autosrh: the block layout ({nsplit} blocks) needs {empty:,} bytes before any column, and one "
+                f"{self.method}: the block layout ({nsplit} blocks) needs {empty:,} bytes before any column, and one "
                 f"column of the most frequent block ({int(self.block_rows_[first]):,} rows) "
                 f"{self._bytes(one_col) - empty:,} more, but the budget allows {self.max_bytes:,} "
                 f"(full table {self.full_bytes:,} bytes, budget {self.budget})"
@@ -197,7 +214,7 @@ class AutoSrhTable(CompressedTable):
 
     def _prune_hook(self, ctx: StageContext) -> None:
         self.prune_()
-        ctx.log(f"autosrh: kept columns per block {self.kept.sum(1).tolist()} ({self.serving_bytes():,} bytes)")
+        ctx.log(f"{self.method}: kept columns per block {self.kept.sum(1).tolist()} ({self.serving_bytes():,} bytes)")
 
     def stages(self) -> list[Stage]:
         return [Stage("warmup", epochs=self.warmup_epochs),
@@ -239,10 +256,10 @@ class AutoSrhTable(CompressedTable):
         """The pairs a server would store now: the pruned set, or before the prune the current selection."""
         return self.kept if int(self.phase) == 2 else self._select(self.salience())
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._bytes(self._served_kept().numpy())
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """``bounds [F, nsplit + 1]``, ``col_ptr [nsplit + 1]``, ``cols`` (uint8 for D <= 256) and
         ``values/<b> float32[rows_b, k_b]`` with ``alpha`` folded in."""
         with torch.no_grad():
@@ -256,3 +273,163 @@ class AutoSrhTable(CompressedTable):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nsplit={self.nsplit}, kept={self.kept.sum(1).tolist()}"
+
+
+GRAD_EPS = 1e-8
+"""Added to the mean |gradient| of a block's alpha row before dividing by it (the study's 1e-8)."""
+
+
+def normalize_alpha_grad(grad: torch.Tensor) -> torch.Tensor:
+    """Each block's alpha gradient divided by its mean magnitude over the dims, as the study's
+    search does before its SGD step: the step size no longer depends on the block's frequency."""
+    return grad / (grad.abs().mean(-1, keepdim=True) + GRAD_EPS)
+
+
+@register_table("autosrh")
+class AutoSrhTable(CompressedTable):
+    """AutoSrh as the VLDB 2024 study runs it (Kong et al., TKDE 2022; Hsword/Hetu
+    ``EmbeddingMemoryCompression`` ``scheduler/autosrh.py``, ``layers/autosrh.py``).
+
+    The ids of all fields are cut by training frequency into ``nsplit`` blocks
+    (:func:`frequency_blocks`); a salience weight ``alpha[b, d]`` in ``[0, 1]`` (initially 1)
+    multiplies dim ``d`` of every row in block ``b``. Stages:
+
+    1. ``warmup``: plain training of the table and the model.
+    2. ``search`` (bilevel): the embeddings train on training batches and ``alpha`` on validation
+       batches; the model head stays fixed. The loss carries ``l1 * sum |alpha|``; alpha's gradient
+       is divided by its block's mean magnitude (:func:`normalize_alpha_grad`), stepped by plain
+       SGD at ``alpha_lr`` and clipped to ``[0, 1]`` after each step.
+    3. ``retrain``: everything trains with ``alpha`` frozen; then the entries of ``w * alpha`` with
+       the largest magnitude are kept, ``nnz_`` of them (the most the budget's CSR holds), the rest
+       set to zero; nothing trains after the prune (as in the study).
+
+    Serving: CSR of ``w * alpha`` (:mod:`embpress.tables.sparse_storage`: fp32 values, a column
+    index per value, a length per row and a pointer per 64 rows at their stored widths); the blocks
+    and ``alpha`` are folded into the values and not stored. Before the prune the state is the CSR
+    the prune would keep now.
+
+    Args:
+        nsplit: number of frequency blocks (study: 6).
+        l1: weight of the L1 penalty on ``alpha`` in the search (study: 1e-5).
+        alpha_lr: SGD learning rate of ``alpha`` (study: 1e-3).
+        warmup_epochs, search_epochs, retrain_epochs: epochs per stage (None: the trainer's default).
+
+    >>> t = AutoSrhTable(fields=[Field("a", 6000)], dim=8, budget="4x")
+    >>> t.nnz_, t.serving_bytes() <= t.max_bytes
+    (8362, True)
+    """
+
+    family = "intra"
+
+    def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, nsplit: int = 6, l1: float = 1e-5,
+                 alpha_lr: float = 1e-3, warmup_epochs: int | None = 1, search_epochs: int | None = 1,
+                 retrain_epochs: int | None = None) -> None:
+        super().__init__(fields=fields, dim=dim, budget=budget)
+        if not (isinstance(nsplit, int) and 1 <= nsplit <= 2**15 - 1):
+            raise ValueError(f"autosrh: nsplit must be an int in 1..32767, got {nsplit!r}")
+        if not (isinstance(l1, int | float) and l1 >= 0):
+            raise ValueError(f"autosrh: l1 must be a number >= 0, got {l1!r}")
+        if not (isinstance(alpha_lr, int | float) and alpha_lr > 0):
+            raise ValueError(f"autosrh: alpha_lr must be a number > 0, got {alpha_lr!r}")
+        for name, v in (("warmup_epochs", warmup_epochs), ("search_epochs", search_epochs),
+                        ("retrain_epochs", retrain_epochs)):
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"autosrh: {name} must be an int >= 0 or None, got {v!r}")
+        self.nsplit, self.l1, self.alpha_lr = nsplit, l1, alpha_lr
+        self.warmup_epochs, self.search_epochs, self.retrain_epochs = warmup_epochs, search_epochs, retrain_epochs
+        self.nnz_ = csr_nonzeros_at_budget("autosrh", self.total_ids, dim, self.max_bytes)
+        self.bounds_ = frequency_blocks(self.fields, nsplit)
+        self.block_rows_ = (self.bounds_[:, 1:] - self.bounds_[:, :-1]).sum(0)  # [nsplit]
+        self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
+        nn.init.normal_(self.weight.weight, std=INIT_STD)
+        self.alpha = nn.Parameter(torch.ones(nsplit, dim), requires_grad=False)  # trained in the search only
+        block = np.zeros(self.total_ids, dtype=np.int16)
+        for i, off in enumerate(self._offsets.tolist()):
+            for b in range(nsplit):
+                block[off + self.bounds_[i, b]: off + self.bounds_[i, b + 1]] = b
+        self.register_buffer("_block", torch.from_numpy(block), persistent=False)
+        self.register_buffer("mask", torch.ones(self.total_ids, dim, dtype=torch.bool))
+        self.register_buffer("phase", torch.tensor(0))  # 0 warmup, 1 search, 2 retrain, 3 pruned
+        self._grad_hook = None
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _start_search(self, ctx: StageContext) -> None:
+        self.phase.fill_(1)
+        self.alpha.requires_grad_(True)
+        if self._grad_hook is None:
+            self._grad_hook = self.alpha.register_hook(normalize_alpha_grad)
+
+    def _end_search(self, ctx: StageContext) -> None:
+        self.phase.fill_(2)
+        self.alpha.requires_grad_(False)
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+            self._grad_hook = None
+        ctx.log(f"autosrh: alpha per block after the search (mean over dims) "
+                f"{[round(v, 3) for v in self.alpha.mean(1).tolist()]}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.alpha.requires_grad_(int(self.phase) == 1)
+
+    @torch.no_grad()
+    def _clip_alpha(self, ctx: StageContext) -> None:
+        """Projected gradient step: alpha back into [0, 1] after each update (the study's clip)."""
+        self.alpha.clamp_(0.0, 1.0)
+
+    def _alpha_group(self) -> list[ParamGroup]:
+        return [ParamGroup("alpha", [self.alpha], optimizer="sgd", lr=self.alpha_lr, bilevel=True)]
+
+    def scaled_weight(self) -> torch.Tensor:
+        """``float32[total_ids, D]``: ``w * alpha`` of every row (its block's alpha)."""
+        return self.weight.weight * self.alpha[self._block.long()]
+
+    @torch.no_grad()
+    def prune_(self) -> None:
+        """Keep the ``nnz_`` entries of ``w * alpha`` with the largest magnitude; nothing trains after."""
+        self.mask.copy_(keep_top(self.scaled_weight().abs(), self.nnz_))
+        self.phase.fill_(3)
+
+    def _prune_hook(self, ctx: StageContext) -> None:
+        self.prune_()
+        ctx.log(f"autosrh: kept {int(self.mask.sum()):,} of {self.total_ids * self.dim:,} entries of w * alpha "
+                f"({self.serving_bytes():,} serving bytes)")
+
+    def stages(self) -> list[Stage]:
+        return [Stage("warmup", epochs=self.warmup_epochs),
+                Stage("search", epochs=self.search_epochs, bilevel=True, train_head=False,
+                      before=self._start_search, after=self._end_search, on_step=self._clip_alpha,
+                      groups=self._alpha_group),
+                Stage("retrain", epochs=self.retrain_epochs, after=self._prune_hook)]
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+    def regularizer(self) -> torch.Tensor | None:
+        if int(self.phase) != 1 or not self.l1:
+            return None
+        return self.l1 * self.alpha.abs().sum()
+
+    # -- contract -------------------------------------------------------------------------------
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        gid = self.global_ids(ids)
+        out = self.weight(gid) * self.alpha[self._block[gid].long()]
+        return out * self.mask[gid] if int(self.phase) == 3 else out
+
+    def array_bytes(self) -> int:
+        return csr_bytes(self.total_ids, self.dim, self.nnz_)
+
+    def serving_arrays(self) -> dict[str, np.ndarray]:
+        """CSR ``values`` (fp32 ``w * alpha``), ``indices``, ``row_len``, ``group_ptr`` (``sparse_storage``)."""
+        with torch.no_grad():
+            values = self.scaled_weight()
+            mask = self.mask if int(self.phase) == 3 else keep_top(values.abs(), self.nnz_)
+        return csr_encode(values.numpy(), mask.numpy())
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [self.weight.weight]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, nsplit={self.nsplit}, nnz={self.nnz_}"

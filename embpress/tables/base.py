@@ -212,6 +212,9 @@ class Stage:
             stage that ``stop`` ended (the state it stopped at is the one it asked for).
         groups: called at the stage's start (after ``before``) to name parameter groups with
             their own optimiser (:class:`ParamGroup`); the rest get the trainer's defaults.
+        train_head: False keeps the model head (everything but the table) fixed for the stage: only
+            the table's parameters train, as in a search that tunes the embeddings and their
+            architecture alone.
     """
 
     name: str
@@ -224,6 +227,7 @@ class Stage:
     on_step: Callable[[StageContext], None] | None = None
     stop: Callable[[StageContext], bool] | None = None
     groups: Callable[[], Sequence[ParamGroup]] | None = None
+    train_head: bool = True
 
 
 # ----------------------------------------------------------------------------- registry
@@ -361,6 +365,7 @@ class CompressedTable(nn.Module):
         self.budget = parse_budget(budget)
         self.full_bytes = full_table_bytes(fields, dim)
         self.max_bytes = budget_bytes(self.budget, self.full_bytes)
+        self.metadata_reserve = 0
         sizes = torch.tensor([f.num_embeddings for f in fields], dtype=torch.long)
         self.register_buffer("_sizes", sizes, persistent=False)
         offsets = torch.zeros(len(fields), dtype=torch.long)
@@ -387,14 +392,28 @@ class CompressedTable(nn.Module):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def serving_bytes(self) -> int:  # pragma: no cover - abstract
+    def serving_bytes(self) -> int:
+        """Every byte a server holds: the arrays (:meth:`array_bytes`) and the small metadata of
+        :meth:`serving_spec` (:func:`spec_bytes`), counted the same way for every method."""
+        return self.array_bytes() + spec_bytes(self.serving_spec())
+
+    def serving_state(self) -> dict[str, np.ndarray]:
+        """What a server stores, at stored precision: the method's arrays (:meth:`serving_arrays`)
+        and its metadata arrays (:func:`spec_arrays`); :meth:`save_serving` writes exactly these."""
+        return {**self.serving_arrays(), **spec_arrays(self.serving_spec())}
+
+    def array_bytes(self) -> int:  # pragma: no cover - abstract
+        """Bytes of :meth:`serving_arrays`, analytic (without building them)."""
         raise NotImplementedError
 
-    def serving_state(self) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+    def serving_arrays(self) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        """The method's serving arrays (parameters, codes, indices, hash coefficients, scales)."""
         raise NotImplementedError
 
     def serving_spec(self) -> dict[str, Any]:
-        """The settings a served lookup needs beyond the arrays of :meth:`serving_state` (JSON-able)."""
+        """The settings a served lookup needs beyond the arrays (bit widths, bucket counts, choices):
+        ints, floats, strings, lists and dicts of them. They are stored as metadata arrays
+        (:func:`spec_arrays`) and counted in :meth:`serving_bytes`."""
         return {}
 
     def save_serving(self, path: str | os.PathLike) -> None:
@@ -487,16 +506,126 @@ class CompressedTable(nn.Module):
         """Field-local ``[N, F]`` ids to ids in one concatenated id space."""
         return ids + self._offsets
 
+    def reserve_metadata(self, spec: dict[str, Any]) -> None:
+        """Set aside the bytes of a serving spec like ``spec`` (:func:`spec_bytes`: fixed by its
+        structure and strings, not by its numbers) before sizing the arrays to :attr:`array_budget`."""
+        self.metadata_reserve = spec_bytes(spec)
+
+    @property
+    def array_budget(self) -> int:
+        """The bytes the serving arrays may take: the budget less the reserved metadata."""
+        return self.max_bytes - self.metadata_reserve
+
     def fits(self, nbytes: int) -> bool:
-        return nbytes <= self.max_bytes
+        """Whether arrays of ``nbytes`` fit beside the reserved metadata."""
+        return nbytes <= self.array_budget
 
     def require_fit(self, nbytes: int, what: str) -> None:
-        """Raise :class:`BudgetError` when ``nbytes`` exceeds the budget."""
-        if nbytes > self.max_bytes:
+        """Raise :class:`BudgetError` when arrays of ``nbytes`` exceed :attr:`array_budget`."""
+        if nbytes > self.array_budget:
             raise BudgetError(
-                f"{self.method}: {what} needs {nbytes:,} bytes but the budget allows {self.max_bytes:,} "
+                f"{self.method}: {what} needs {nbytes:,} bytes but the budget allows {self.array_budget:,} "
+                f"besides {self.metadata_reserve} bytes of metadata "
                 f"(full table {self.full_bytes:,} bytes, budget {self.budget})"
             )
+
+
+# ----------------------------------------------------------------------------- metadata
+
+SPEC_INTS = "meta/ints"
+SPEC_TEXT = "meta/text"
+"""Names of the metadata arrays: every number of a serving spec as an int64 word (floats by their
+float64 bits, a string by its length), and the strings' UTF-8 bytes."""
+
+
+def _flatten_spec(value: Any, ints: list[int], text: bytearray, where: str) -> Any:
+    """Append ``value``'s leaves to ``ints``/``text``; return its schema (structure and dict keys)."""
+    if isinstance(value, dict):
+        return {"d": {str(k): _flatten_spec(value[k], ints, text, f"{where}.{k}") for k in sorted(value)}}
+    if isinstance(value, list | tuple):
+        return {"l": [_flatten_spec(v, ints, text, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, bool | np.bool_):
+        ints.append(int(value))
+        return "b"
+    if isinstance(value, int | np.integer):
+        ints.append(int(value))
+        return "i"
+    if isinstance(value, float | np.floating):
+        ints.append(int(np.float64(value).view(np.int64)))
+        return "f"
+    if isinstance(value, str):
+        raw = value.encode("utf-8")
+        ints.append(len(raw))
+        text.extend(raw)
+        return "s"
+    if value is None:
+        return "n"
+    raise TypeError(f"serving spec value at {where} has type {type(value).__name__}: use int, float, str, "
+                    "None, or lists and dicts of them")
+
+
+def spec_schema(spec: dict[str, Any]) -> Any:
+    """The structure of a serving spec (dicts' keys, lists' lengths, leaf types) without its values."""
+    return _flatten_spec(spec, [], bytearray(), "spec")
+
+
+def spec_arrays(spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A serving spec's values as stored: ``meta/ints`` (int64, one word per number or string length)
+    and ``meta/text`` (uint8, the strings' UTF-8 bytes); empty arrays are left out.
+
+    >>> {k: v.tolist() for k, v in spec_arrays({"bits": 4, "mode": "mult"}).items()}
+    {'meta/ints': [4, 4], 'meta/text': [109, 117, 108, 116]}
+    """
+    ints: list[int] = []
+    text = bytearray()
+    _flatten_spec(spec, ints, text, "spec")
+    out = {}
+    if ints:
+        out[SPEC_INTS] = np.asarray(ints, dtype=np.int64)
+    if text:
+        out[SPEC_TEXT] = np.frombuffer(bytes(text), dtype=np.uint8).copy()
+    return out
+
+
+def spec_bytes(spec: dict[str, Any]) -> int:
+    """Bytes of a serving spec as stored (:func:`spec_arrays`): 8 per number or string, plus the
+    strings' UTF-8 bytes; the keys are the spec's structure, kept in the artifact's header.
+
+    >>> spec_bytes({}), spec_bytes({"bits": 4}), spec_bytes({"bits": 4, "mode": "mult"})
+    (0, 8, 20)
+    """
+    return state_nbytes(spec_arrays(spec))
+
+
+def spec_from_arrays(schema: Any, ints: np.ndarray | None, text: np.ndarray | None) -> Any:
+    """Rebuild a serving spec from its :func:`spec_schema` and its metadata arrays (the inverse of
+    :func:`spec_arrays`)."""
+    words = iter([] if ints is None else np.asarray(ints, dtype=np.int64).tolist())
+    raw = b"" if text is None else np.asarray(text, dtype=np.uint8).tobytes()
+    pos = 0
+
+    def build(node: Any) -> Any:
+        nonlocal pos
+        if isinstance(node, dict) and "d" in node:
+            return {k: build(v) for k, v in node["d"].items()}
+        if isinstance(node, dict) and "l" in node:
+            return [build(v) for v in node["l"]]
+        if node == "n":
+            return None
+        word = next(words)
+        if node == "b":
+            return bool(word)
+        if node == "i":
+            return int(word)
+        if node == "f":
+            return float(np.int64(word).view(np.float64))
+        if node == "s":
+            value = raw[pos:pos + word].decode("utf-8")
+            pos += word
+            return value
+        raise ValueError(f"serving spec schema has an unknown node {node!r}")
+
+    return build(schema)
 
 
 def state_nbytes(state: dict[str, np.ndarray]) -> int:

@@ -74,10 +74,10 @@ class DedupTable(CompressedTable):
     >>> from embpress.tables import Ratio
     >>> t = DedupTable(fields=[Field("item", 1000)], dim=16, budget=Ratio(4))
     >>> t.block_rows_, t.num_blocks, t.unique_blocks, t.serving_bytes()
-    (1, 1000, 187, 15968)
+    (2, 500, 109, 15960)
     >>> t.deduplicate_()
     >>> t(torch.tensor([[0], [999]])).shape, t.weight.weight.shape
-    (torch.Size([2, 1, 16]), torch.Size([187, 16]))
+    (torch.Size([2, 1, 16]), torch.Size([218, 16]))
     """
 
     family = "inter"
@@ -99,6 +99,7 @@ class DedupTable(CompressedTable):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"dedup: {name} must be a positive int, got {v!r}")
 
+        self.reserve_metadata({"block_rows": 0})
         n = self.total_ids
         r = block_rows if block_rows is not None else self._auto_block_rows()
         b = math.ceil(n / r)
@@ -107,7 +108,7 @@ class DedupTable(CompressedTable):
                          f"the int32 remap of {b:,} blocks of {r} rows plus one block")
         self.block_rows_ = r
         self.num_blocks = b
-        self.unique_blocks = min(b, (self.max_bytes - b * REMAP_BYTES) // block_bytes)
+        self.unique_blocks = min(b, (self.array_budget - b * REMAP_BYTES) // block_bytes)
         self.threshold_: float | None = None
         # Before deduplication every block is its own unique block (remap = identity).
         self.weight = nn.Embedding(b * r, dim, sparse=True)
@@ -117,7 +118,7 @@ class DedupTable(CompressedTable):
     def _auto_block_rows(self) -> int:
         """Smallest power of two R whose remap (``ceil(N / R)`` int32) is at most a quarter of the budget."""
         n, r = self.total_ids, 1
-        while math.ceil(n / r) * REMAP_BYTES * 4 > self.max_bytes and r < n:
+        while math.ceil(n / r) * REMAP_BYTES * 4 > self.array_budget and r < n:
             r *= 2
         return r
 
@@ -203,10 +204,10 @@ class DedupTable(CompressedTable):
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.weight.weight]
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self.unique_blocks * self.block_rows_ * self.dim * FP32_BYTES + self.num_blocks * REMAP_BYTES
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """``blocks`` (fp32 ``[M * R, D]``, unique blocks) and ``remap`` (int32 ``[B]``).
 
         Before :meth:`deduplicate_` has run, this is what deduplicating the current weights would

@@ -130,10 +130,10 @@ class DeepLightTable(CompressedTable):
         gid = self.global_ids(ids)
         return self.weight(gid) * self.mask[gid]
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return csr_bytes(self.total_ids, self.dim, self.nnz_)
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """CSR ``values`` (fp32), ``indices`` (column, uint8 for D <= 256), ``row_len`` and ``group_ptr`` (see ``sparse_storage``);
         before the prune stage ends, the ``nnz_`` largest-magnitude surviving entries."""
         with torch.no_grad():

@@ -113,11 +113,11 @@ class DoubleHashTable(CompressedTable):
         out = rare_vec.new_zeros(*ids.shape, self.dim)
         return out.index_put((is_frequent,), frequent_vec).index_put((rare,), rare_vec)
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         rows = sum(self.frequent) * self.dim + sum(self.hashed) * self.hashed_dim
         return rows * FP32_BYTES + PER_FIELD_INTS * INT64_BYTES * self.num_fields
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         return {
             "frequent_weight": to_numpy(self.frequent_weight.weight[: sum(self.frequent)]),
             "hashed_weight": to_numpy(self.hashed_weight.weight[: sum(self.hashed)]),

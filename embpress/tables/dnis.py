@@ -228,11 +228,11 @@ class DNISTable(CompressedTable):
 
     # -- contract -----------------------------------------------------------------------------
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         keep = self.plan()
         return int((self._rows * keep.sum(1)).sum()) * FP32_BYTES + self._overhead
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         keep = self.plan()
         w = to_numpy(self.weight.weight)
         if not bool(self.pruned):

@@ -199,10 +199,10 @@ class DPQTable(CompressedTable):
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.query.weight]
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._bytes(self.parts_, self.choices_)
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """``codes``: ``total * P`` codes of ``log2 K`` bits, packed in row-major order (little-endian);
         ``codebook``: ``float32[P, K, D / P]``."""
         flat = self.encode_().reshape(-1).numpy()

@@ -38,10 +38,10 @@ class FullTable(CompressedTable):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight(self.global_ids(ids))
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self.total_ids * self.dim * FP32_BYTES
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         return {"weight": to_numpy(self.weight.weight)}
 
     def sparse_parameters(self) -> list[nn.Parameter]:
@@ -63,8 +63,8 @@ class NoIdTable(CompressedTable):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight.expand(ids.shape[0], -1, -1)
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self.num_fields * self.dim * FP32_BYTES
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         return {"weight": to_numpy(self.weight)}

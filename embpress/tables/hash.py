@@ -66,10 +66,10 @@ class HashTable(CompressedTable):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight(self.rows_of(ids))
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return sum(self.rows) * self.dim * FP32_BYTES + HASH_PARAM_BYTES * self.num_fields
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         return {
             "weight": to_numpy(self.weight.weight),
             "hash_a": self.hash_a.numpy(),

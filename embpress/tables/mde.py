@@ -227,10 +227,10 @@ class MDETable(CompressedTable):
 
     # -- contract -----------------------------------------------------------------------------
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._bytes(np.array(self.dims_, dtype=np.int64))
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         state: dict[str, np.ndarray] = {
             "inner_bounds": np.stack([b[1:-1] for b in self.bounds_]).astype(np.int32)}
         for (j, k), i in self.block_of.items():

@@ -160,6 +160,8 @@ class MGQETable(CompressedTable):
             self._high_masks.append(mask)
         self._prefix = [bool(m[: int(m.sum())].all()) for m in self._high_masks]
 
+        # the spec's num_high holds one count per quantized field: reserve for every field
+        self.reserve_metadata({"high_bits": 0, "low_bits": 0, "parts": 0, "num_high": {f.name: 0 for f in self.fields}})
         plan = self._size()
         self.parts_, self.high_choices_, self.low_choices_ = plan.parts, plan.high_choices, plan.low_choices
         self.quantized_ = tuple(f.name for f, q in zip(self.fields, plan.quantized, strict=True) if q)
@@ -222,7 +224,7 @@ class MGQETable(CompressedTable):
         while True:
             for p in part_options:
                 plan = self._plan(p, high, low)
-                if plan.nbytes <= self.max_bytes:
+                if self.fits(plan.nbytes):
                     return plan
             if high == 2:
                 break
@@ -348,10 +350,10 @@ class MGQETable(CompressedTable):
             params.append(self.rows.weight)
         return params
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._nbytes
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """Per quantized field ``<name>/codebook`` (fp32 ``[P, K, D/P]``), ``<name>/codes_high`` and
         ``<name>/codes_low`` (bit-packed codes in id order, ``P`` per id), only for a non-prefix frequent
         set ``<name>/high_mask`` (uint64 words, bit ``i % 64`` of word ``i // 64`` set for a frequent

@@ -367,11 +367,11 @@ class OptEmbedTable(CompressedTable):
 
     # -- contract -----------------------------------------------------------------------------
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         keep, dims = self.plan()
         return self._bytes(self._kept_per_field(keep), dims)
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         keep, dims = self.plan()
         w = to_numpy(self.weight.weight)
         rows = w[self.remap.numpy()[keep]] if int(self.stage) == RETRAIN else w[keep]

@@ -101,10 +101,10 @@ class _PrunedTable(CompressedTable):
         gid = self.global_ids(ids)
         return self._values(gid, self.weight(gid))
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return csr_bytes(self.total_ids, self.dim, self.nnz_)
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """CSR ``values`` (fp32), ``indices`` (column, uint8 for D <= 256), ``row_len`` and ``group_ptr``
         (see ``sparse_storage``), ``nnz_`` entries (before the prune: the entries it would keep now)."""
         with torch.no_grad():

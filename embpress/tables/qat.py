@@ -115,10 +115,10 @@ class _QATTable(CompressedTable):
 
     # -- contract ---------------------------------------------------------------------------
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._bytes()
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """``table``: ``codes int[total, D]`` (signed) and ``scale float32[F]``; ``row``: ``codes
         uint[total, D]``, ``scale`` and ``offset float32[total]`` (``w ~ codes * scale + offset``)."""
         w = self.weight.weight.detach()

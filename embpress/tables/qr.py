@@ -228,9 +228,9 @@ class QRTable(CompressedTable):
 
     >>> t = QRTable(fields=[Field("a", 10_000), Field("b", 3)], dim=4, budget=4_000)
     >>> t.moduli, t.collisions, t.serving_bytes() <= 4_000
-    ([194, 0], [52, 1], True)
+    ([193, 0], [52, 1], True)
     >>> QRTable(fields=[Field("a", 10_000)], dim=4, budget=2_000).radices
-    [(10, 10, 103)]
+    [(10, 10, 102)]
     """
 
     family = "inter"
@@ -247,13 +247,14 @@ class QRTable(CompressedTable):
         self.operation = operation
         self.max_partitions = max_partitions
         sizes = [f.num_embeddings for f in self.fields]
+        self.reserve_metadata({"operation": operation})
         try:
-            self.moduli = plan_moduli(sizes, dim, operation, self.max_bytes)
+            self.moduli = plan_moduli(sizes, dim, operation, self.array_budget)
             self.radices = [(-(-n // m), m) if m else () for n, m in zip(sizes, self.moduli, strict=True)]
         except BudgetError:
             if max_partitions == 2:
                 raise
-            self.radices = plan_partitions(sizes, dim, operation, self.max_bytes, max_partitions)
+            self.radices = plan_partitions(sizes, dim, operation, self.array_budget, max_partitions)
             self.moduli = [r[-1] if r else 0 for r in self.radices]
         self.partitions = [len(r) for r in self.radices]
         self.dr, self.dq = _half_dims(dim, operation)
@@ -346,12 +347,12 @@ class QRTable(CompressedTable):
         kmax = max(self.partitions)
         return MODULUS_BYTES * self.num_fields * (kmax if kmax > 2 else 1)
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         rows = sum(self.r_rows) * self.dr + sum(self.q_rows) * self.dq + sum(self.full_rows) * self.dim
         rows += sum(e.weight.numel() for e in self.weight_multi.values())
         return rows * FP32_BYTES + self._meta_bytes()
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         state = {}
         if self.weight_r is not None:
             state["weight_r"] = to_numpy(self.weight_r.weight)

@@ -33,6 +33,7 @@ from embpress.tables.base import (
     StageContext,
     build_table,
     register_table,
+    spec_bytes,
     table_class,
 )
 
@@ -88,7 +89,7 @@ def serves_parameters(table: CompressedTable) -> bool:
     one of them, none left over): quantizing the parameters then quantizes what it serves, and the
     table's own lookups stay valid."""
     free = [p.detach().numpy().reshape(-1) for _, p in _float_parameters(table)]
-    arrays = [np.asarray(v).reshape(-1) for v in table.serving_state().values() if _is_float(v)]
+    arrays = [np.asarray(v).reshape(-1) for v in table.serving_arrays().values() if _is_float(v)]
     if len(free) != len(arrays):
         return False
     for a in arrays:
@@ -113,7 +114,7 @@ def quantized_bytes(table: CompressedTable, suffix: str) -> int:
     """Serving bytes of ``table`` once its float parameters (or, for a table that does not serve
     them as stored, the float arrays of its serving state) are quantized with ``suffix``."""
     code_bytes = np.dtype(_code_dtype(suffix)).itemsize
-    state = table.serving_state()
+    state = table.serving_arrays()
     other = sum(np.asarray(v).nbytes for v in state.values() if not _is_float(v))
     total = 0
     if serves_parameters(table):
@@ -134,7 +135,7 @@ def state_quantized_bound(table: CompressedTable, suffix: str) -> int:
     ``suffix`` precision, and a scale and offset per float array (each quantized per tensor at worst,
     see :meth:`PostTrainingQuantized.quantize`)."""
     code_bytes = np.dtype(_code_dtype(suffix)).itemsize
-    state = table.serving_state()
+    state = table.serving_arrays()
     other = sum(np.asarray(v).nbytes for v in state.values() if not _is_float(v))
     arrays = sum(1 for v in state.values() if _is_float(v))
     floats = max(0, table.max_bytes - other) // FP32_BYTES
@@ -222,10 +223,12 @@ class PostTrainingQuantized(CompressedTable):
                     f"quantization ({e})" + (f"; its last fit quantized to {nbytes:,} bytes" if nbytes else "")
                     + f", budget {self.max_bytes:,} bytes"
                 ) from None
-            if serves_parameters(table):
+            by_state = not serves_parameters(table)
+            if not by_state:
                 nbytes = quantized_bytes(table, self.suffix)
             else:  # its stages may reshape what it serves: size it for the worst case
                 nbytes = state_quantized_bound(table, self.suffix)
+            nbytes += spec_bytes(self._spec_for(table, by_state))  # the metadata: inner spec, shapes
             if nbytes <= self.max_bytes:
                 self.inner_budget = None if cls.reference else max(1, int(inner_budget))
                 return table
@@ -248,9 +251,9 @@ class PostTrainingQuantized(CompressedTable):
             return self._served._lookup(ids)
         return self.inner._lookup(ids)
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         if self.by_state:
-            return int(sum(np.asarray(v).nbytes for v in self.serving_state().values()))
+            return int(sum(np.asarray(v).nbytes for v in self.serving_arrays().values()))
         return quantized_bytes(self.inner, self.suffix)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -260,10 +263,11 @@ class PostTrainingQuantized(CompressedTable):
         """Codes, scales and offsets of every float array of the inner serving state: row-wise
         (:func:`state_rows`) where the budget holds the rows' scales and offsets (largest arrays
         first), per tensor otherwise, so that the inner stages cannot push it over the budget."""
-        state = self.inner.serving_state()
+        state = self.inner.serving_arrays()
         code_bytes = np.dtype(self.code_dtype).itemsize
         floats = {k: np.asarray(v) for k, v in state.items() if _is_float(v)}
         used = sum(np.asarray(v).nbytes for v in state.values() if not _is_float(v))
+        used += spec_bytes(self.serving_spec())  # the metadata
         used += sum(v.size * code_bytes + ROW_QPARAM_BYTES for v in floats.values())  # all per tensor
         shape = {k: (1, v.size) for k, v in floats.items()}
         for k in sorted(floats, key=lambda k: (-floats[k].size, k)):
@@ -278,8 +282,8 @@ class PostTrainingQuantized(CompressedTable):
             out[k] = (c.numpy().astype(self.code_dtype), sc.numpy(), o.numpy())
         return out
 
-    def serving_state(self) -> dict[str, np.ndarray]:
-        state = {k: v for k, v in self.inner.serving_state().items() if not _is_float(v)}
+    def serving_arrays(self) -> dict[str, np.ndarray]:
+        state = {k: v for k, v in self.inner.serving_arrays().items() if not _is_float(v)}
         if self.by_state:
             quantized = self.codes_ if self.codes_ is not None else self._quantize_state()
         else:
@@ -300,14 +304,17 @@ class PostTrainingQuantized(CompressedTable):
         """The inner method and its spec, and how each of the inner table's float serving arrays is
         rebuilt: ``arrays`` (quantized serving arrays, name -> shape) or ``param_of`` (quantized
         parameter and shape); a served lookup dequantizes the codes into them."""
-        spec = {"inner": self.inner_method, "inner_spec": self.inner.serving_spec(), "suffix": self.suffix}
-        if self.by_state:
-            spec["arrays"] = {k: list(np.shape(v)) for k, v in self.inner.serving_state().items() if _is_float(v)}
+        return self._spec_for(self.inner, self.by_state)
+
+    def _spec_for(self, inner: CompressedTable, by_state: bool) -> dict[str, Any]:
+        spec = {"inner": self.inner_method, "inner_spec": inner.serving_spec(), "suffix": self.suffix}
+        if by_state:
+            spec["arrays"] = {k: list(np.shape(v)) for k, v in inner.serving_arrays().items() if _is_float(v)}
             return spec
-        params = dict(_float_parameters(self.inner))
+        params = dict(_float_parameters(inner))
         free = list(params)
         param_of = {}
-        for key, arr in self.inner.serving_state().items():
+        for key, arr in inner.serving_arrays().items():
             if not _is_float(arr):
                 continue
             flat = np.asarray(arr).reshape(-1)
@@ -377,11 +384,12 @@ class PostTrainingQuantized(CompressedTable):
 class Int8Table(PostTrainingQuantized):
     """The ``full`` table, trained in fp32, then quantized to int8 row-wise (``full+int8``).
 
-    Serving bytes are ``rows * (D + 8)``: at most 4x smaller than fp32, 2x at ``D = 8``.
+    Serving bytes are ``rows * (D + 8)`` and the metadata (the inner method, the suffix, the
+    quantized parameter's name and shape: 61 bytes here): at most 4x smaller than fp32, 2x at ``D = 8``.
 
-    >>> t = Int8Table(fields=[Field("a", 100)], dim=8, budget=1600)
+    >>> t = Int8Table(fields=[Field("a", 100)], dim=8, budget=1700)
     >>> t.serving_bytes(), sorted(t.serving_state())
-    (1600, ['weight.weight.codes', 'weight.weight.offset', 'weight.weight.scale'])
+    (1661, ['meta/ints', 'meta/text', 'weight.weight.codes', 'weight.weight.offset', 'weight.weight.scale'])
     """
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None) -> None:

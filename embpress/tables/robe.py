@@ -115,11 +115,11 @@ class RobeTable(CompressedTable):
         out = pair.gather(-1, take).flatten(-2)                                           # [N, F, D]
         return out * self.sign_of(ids) if self.signs else out
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         coeffs = self.offset_a.numel() + self.offset_b.numel() + self.sign_a.numel() + self.sign_b.numel()
         return self.array_size * FP32_BYTES + coeffs * INT64_BYTES
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         state = {
             "array": to_numpy(self.weight.weight).reshape(-1),
             "offset_a": self.offset_a.numpy(),

@@ -103,6 +103,8 @@ class SemanticIdTable(CompressedTable):
             raise ValueError(f"{self.method}: no field carries content vectors, so there is nothing to build "
                              f"semantic IDs from; give the item field Field(content=float32[num_embeddings, C]) "
                              f"(e.g. embpress.data.recbole.with_content) or use 'hash'")
+        self.reserve_metadata({"levels": 0, "codes": 0, "ngram": 0,
+                               "content_fields": [self.fields[j].name for j in self.content_fields]})
         self.codes_, rows, self.id_rows_ = self._size()
         self.rows = rows
         f_count = self.num_fields
@@ -165,7 +167,7 @@ class SemanticIdTable(CompressedTable):
         for k in range(min(self.max_codes, smallest), 1, -1):
             semantic = self._semantic_rows(k)
             id_rows = {j: min(sizes[j], math.ceil(self.id_rows * semantic)) for j in self.content_fields}
-            units = (self.max_bytes - overhead - self._content_bytes(k, id_rows)) // row_bytes
+            units = (self.array_budget - overhead - self._content_bytes(k, id_rows)) // row_bytes
             want = [semantic + id_rows[j] if j in self.content_fields else s for j, s in enumerate(sizes)]
             if units < len(sizes):
                 continue
@@ -203,7 +205,7 @@ class SemanticIdTable(CompressedTable):
 
     # -- memory -----------------------------------------------------------------------------
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         hashed = sum(0 if j in self.content_fields else r for j, r in enumerate(self.rows))
         total = hashed * self.dim * FP32_BYTES + HASH_PARAM_BYTES * self.num_fields
         total += self._content_bytes(self.codes_, self.id_rows_)
@@ -211,7 +213,7 @@ class SemanticIdTable(CompressedTable):
             total += (self._semantic_rows(self.codes_) + self.id_rows_.get(j, 0)) * self.dim * FP32_BYTES
         return total
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         state = {"weight": to_numpy(self.weight.weight), "hash_a": self.hash_a.numpy(),
                  "hash_b": self.hash_b.numpy(), "buckets": self.buckets.numpy()}
         for j in self.content_fields:

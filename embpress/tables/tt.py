@@ -331,10 +331,10 @@ class TTTable(CompressedTable):
 
     # -- contract -----------------------------------------------------------------------------
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return self._numel * FP32_BYTES
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         """Per TT field ``"{name}.core{k}"``: float32 ``[R_{k-1}, n_k, d_k, R_k]``; per plain field
         ``"{name}.weight"``: float32 ``[n, D]``."""
         state: dict[str, np.ndarray] = {}

@@ -91,11 +91,11 @@ class UnifiedTable(CompressedTable):
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight(self.rows_of(ids)).flatten(-2)
 
-    def serving_bytes(self) -> int:
+    def array_bytes(self) -> int:
         return (self.buckets * self.chunk_dim * FP32_BYTES
                 + SALT_BYTES * self.num_fields * self.chunks + BUCKET_BYTES)
 
-    def serving_state(self) -> dict[str, np.ndarray]:
+    def serving_arrays(self) -> dict[str, np.ndarray]:
         return {
             "weight": to_numpy(self.weight.weight),
             "hash_a": self.hash_a.numpy(),
