@@ -88,6 +88,13 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Same grid, smaller: one seed, 200k synthetic rows.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    executor: Annotated[str, typer.Option(help="Where trials run: serial (this process) or ray (one Ray task "
+                                          "per trial; pip install 'embpress[ray]').")] = "serial",
+    address: Annotated[str | None, typer.Option(help="With --executor ray: a running Ray cluster's address "
+                                                "('auto': the one this machine belongs to); default: start "
+                                                "a local Ray on this machine.")] = None,
+    cpus_per_trial: Annotated[int | None, typer.Option(help="With --executor ray: CPUs per trial's task, which "
+                                                       "are its torch threads (default: --threads, else 1).")] = None,
 ) -> None:
     """Run methods x ratios x seeds on datasets, append records, then write report.md and pareto.png."""
     from embpress.bench.ctr import (
@@ -100,6 +107,24 @@ def bench(
     )
     from embpress.bench.report import write_report
     from embpress.data.registry import check_spec, load_dataset
+
+    if executor not in ("serial", "ray"):
+        _fail(f"--executor must be serial or ray, got {executor!r}")
+    if executor == "serial" and (address is not None or cpus_per_trial is not None):
+        _fail("--address and --cpus-per-trial apply to --executor ray; add --executor ray or leave them out")
+    _positive(cpus_per_trial, "--cpus-per-trial")
+    _positive(threads, "--threads")
+    if executor == "ray":
+        if cpus_per_trial is not None and threads is not None and cpus_per_trial != threads:
+            _fail(f"--threads {threads} differs from --cpus-per-trial {cpus_per_trial}: on Ray a trial's torch "
+                  "threads are its task's CPUs; give one of them")
+        threads = threads or cpus_per_trial or 1
+        from embpress.bench.ray_executor import RayExecutor, import_ray
+
+        _guard(import_ray)
+        run_on = RayExecutor(address=address, cpus_per_trial=threads)
+    else:
+        run_on = None
 
     def config() -> BenchConfig:
         datasets = tuple(dataset) if dataset else ((QUICK_DATASET,) if quick else (DEFAULT_DATASET,))
@@ -121,7 +146,8 @@ def bench(
         console.print(f"loading {spec} ...", markup=False)
         return load_dataset(spec, progress=progress)
 
-    outcome = _guard(lambda: run_bench(cfg, out, load=load, log=lambda m: console.print(m, markup=False)))
+    outcome = _guard(lambda: run_bench(cfg, out, load=load, log=lambda m: console.print(m, markup=False),
+                                       executor=run_on))
     md, png = _guard(lambda: write_report(out))
     console.print(f"{outcome.ran} trials run, {outcome.skipped} already recorded; wrote {md} and {png}", markup=False)
     if outcome.failed:

@@ -8,9 +8,10 @@ skipping the trials already recorded. A method that cannot reach a ratio is reco
 from __future__ import annotations
 
 import inspect
+import socket
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from embpress.bench.records import (
 )
 from embpress.data.schema import CTRDataset
 from embpress.models import CTRModel, build_model, registered_models
+from embpress.progress import progress_task
 from embpress.tables import BudgetError, Ratio, build_table, table_class
 from embpress.tables.base import CompressedTable, table_hparams
 from embpress.train import TrainConfig, Trainer
@@ -39,7 +41,7 @@ DEFAULT_EPOCHS = {"synthetic": 1, "criteo": 1, "avazu": 1, "movielens": 30, "lib
 in the CTR literature; small sets train longer and early stopping on validation AUC decides."""
 
 MEASURED_METRICS = ("train_samples_per_s", "train_seconds", "infer_lookups_per_s", "stage_seconds", "wall_seconds",
-                    "peak_rss_bytes", "peak_rss_scope")
+                    "peak_rss_bytes", "peak_rss_scope", "host")
 """Metrics that measure the machine (speed, peak memory): they vary between runs of one trial; everything
 else must not."""
 
@@ -275,15 +277,45 @@ class BenchOutcome:
     failed: list[str] = field(default_factory=list)
 
 
+def execute_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> tuple[str, dict[str, Any], str | None]:
+    """:func:`run_trial` with its failure caught: ``(status, metrics, reason)``, status ok, unreachable or
+    failed (the error and a short traceback), plus ``wall_seconds`` and the ``host`` that ran it."""
+    t0 = time.perf_counter()
+    try:
+        status, metrics, reason = run_trial(trial, cfg, data)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # record and go on: one broken method must not sink the grid
+        status, metrics = "failed", {**_data_metrics(data), "traceback": traceback.format_exc(limit=5)}
+        reason = f"{type(e).__name__}: {e}"
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    metrics["host"] = socket.gethostname()
+    return status, metrics, reason
+
+
+Executor = Callable[[Sequence[tuple[Trial, dict[str, Any]]], BenchConfig, CTRDataset],
+                    Iterator[tuple[Trial, dict[str, Any], str, dict[str, Any], str | None]]]
+"""Runs a dataset's pending trials and yields ``(trial, config, status, metrics, reason)`` as each ends,
+in any order; the driver alone writes the records."""
+
+
+def serial_executor(todo: Sequence[tuple[Trial, dict[str, Any]]], cfg: BenchConfig, data: CTRDataset):
+    """The trials one after another in this process."""
+    for t, config in todo:
+        yield (t, config, *execute_trial(t, cfg, data))
+
+
 def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDataset],
-              log: Callable[[str], None] = print) -> BenchOutcome:
+              log: Callable[[str], None] = print, executor: Executor | None = None) -> BenchOutcome:
     """Run every trial of ``cfg`` not yet recorded in ``out/results.jsonl``, appending records.
 
     A trial is skipped only when a record with its whole configuration (:func:`trial_config`,
     data fingerprint included) is already there. ``load`` maps a dataset spec to a
     :class:`CTRDataset` (called once per dataset, also on resume: the fingerprint comes from the
     data). A trial that raises is recorded as ``status="failed"`` with the error and retried on the
-    next run.
+    next run. ``executor`` runs the pending trials (default :func:`serial_executor`; see
+    :func:`embpress.bench.ray_executor.ray_executor`); which one ran a trial is not part of its
+    identity, and this process alone appends the records, in the order the trials end.
 
     Raises:
         ValueError: ``out`` is a file or holds records of another kind, or damaged records (file:line).
@@ -294,6 +326,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
     # such trials are rebuilt on resume, and recorded again only if the verdict changed.
     unreachable = {r["trial"]: r["reason"] for r in records if r["status"] == "unreachable"}
     outcome = BenchOutcome()
+    executor = executor or serial_executor
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     by_dataset: dict[str, list[Trial]] = {}
@@ -312,30 +345,27 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
         if not todo:
             continue
         log(data.summary())
-        for i, (t, config) in enumerate(todo, 1):
-            t0 = time.perf_counter()
-            try:
-                status, metrics, reason = run_trial(t, cfg, data)
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as e:  # record and go on: one broken method must not sink the grid
-                status, metrics = "failed", {**_data_metrics(data), "traceback": traceback.format_exc(limit=5)}
-                reason = f"{type(e).__name__}: {e}"
-                outcome.failed.append(f"{t.label(data.name)}: {reason}")
-            metrics["wall_seconds"] = time.perf_counter() - t0
-            if status == "unreachable" and unreachable.get(trial_id(config)) == reason:
-                outcome.skipped += 1
-                continue
-            rec = make_record("ctr", config, status=status, metrics=metrics, reason=reason)
-            append_record(path, rec)
-            outcome.records.append(rec)
-            outcome.ran += 1
-            if status == "ok":
-                log(f"[{i}/{len(todo)}] {t.label(data.name)}: AUC {metrics['auc']:.4f}, "
-                    f"{metrics['serving_bytes']:,} B ({metrics['achieved_ratio']:.1f}x), "
-                    f"{metrics['train_samples_per_s']:,.0f} samples/s, {metrics['wall_seconds']:.1f} s")
-            else:
-                log(f"[{i}/{len(todo)}] {t.label(data.name)}: {status}: {str(reason).splitlines()[0]}")
+        # the serial trainer shows its own bars (rich allows one live display at a time); a parallel
+        # executor's workers show none, so the grid gets one bar
+        grid_bar = cfg.progress and executor is not serial_executor
+        with progress_task(f"{data.name}: trials", len(todo), enabled=grid_bar) as advance:
+            for i, (t, config, status, metrics, reason) in enumerate(executor(todo, cfg, data), 1):
+                advance(1)
+                if status == "failed":
+                    outcome.failed.append(f"{t.label(data.name)}: {reason}")
+                if status == "unreachable" and unreachable.get(trial_id(config)) == reason:
+                    outcome.skipped += 1
+                    continue
+                rec = make_record("ctr", config, status=status, metrics=metrics, reason=reason)
+                append_record(path, rec)
+                outcome.records.append(rec)
+                outcome.ran += 1
+                if status == "ok":
+                    log(f"[{i}/{len(todo)}] {t.label(data.name)}: AUC {metrics['auc']:.4f}, "
+                        f"{metrics['serving_bytes']:,} B ({metrics['achieved_ratio']:.1f}x), "
+                        f"{metrics['train_samples_per_s']:,.0f} samples/s, {metrics['wall_seconds']:.1f} s")
+                else:
+                    log(f"[{i}/{len(todo)}] {t.label(data.name)}: {status}: {str(reason).splitlines()[0]}")
     return outcome
 
 
