@@ -158,6 +158,60 @@ def bench(
 
 
 @app.command()
+def train(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset spec (as for bench).")] = DEFAULT_DATASET,
+    model: Annotated[str, typer.Option(help="Model head: dlrm, dcn, wdl, deepfm.")] = "dlrm",
+    method: Annotated[str, typer.Option(help="Table method.")] = "hash",
+    ratio: Annotated[float | None, typer.Option(help="Compression ratio (none for full, noid).")] = 10.0,
+    dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 16,
+    epochs: Annotated[int, typer.Option(help="Epochs per stage.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (split over torchrun's processes).")] = 2048,
+    lr: Annotated[float, typer.Option(help="Learning rate (Adam and row-sparse Adam).")] = 3e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the table, the model and the batch order.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch threads per process.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Write the trained model here (rank 0).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars (rank 0).")] = True,
+) -> None:
+    """Train one model and print its metrics as JSON; under `torchrun --nproc-per-node N` the processes
+    train one replicated model data-parallel (gloo), each on its slice of every batch."""
+    import json
+
+    import torch
+
+    from embpress.data.registry import check_spec, load_dataset
+    from embpress.distributed import init_from_env
+    from embpress.models import build_model
+    from embpress.tables import Ratio, build_table
+    from embpress.train import TrainConfig, Trainer, save_checkpoint
+
+    for value, option in ((dim, "--dim"), (epochs, "--epochs"), (batch_size, "--batch-size"), (threads, "--threads")):
+        _positive(value, option)
+    _positive(ratio, "--ratio")
+    _guard(lambda: check_spec(dataset))
+    dp = _guard(init_from_env)
+    rank = 0 if dp is None else dp.rank
+    if threads:
+        torch.set_num_threads(threads)
+    data = _guard(lambda: load_dataset(dataset, progress=progress and rank == 0))
+    torch.manual_seed(seed)
+    table = _guard(lambda: build_table(method, fields=data.fields, dim=dim,
+                                       budget=None if ratio is None else Ratio(ratio)))
+    net = _guard(lambda: build_model(model, table=table, num_dense=data.num_dense))
+    cfg = _guard(lambda: TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, sparse_lr=lr, seed=seed,
+                                     progress=progress and rank == 0))
+    result = Trainer(net, data, cfg).fit()
+    if rank == 0:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, net, method=method, ratio=ratio, seed=seed)
+        _out.print(json.dumps({"method": method, "ratio": ratio, "seed": seed,
+                               "processes": 1 if dp is None else dp.world_size,
+                               "valid_auc": result.valid_auc, "test_auc": result.test_auc,
+                               "test_logloss": result.test_logloss,
+                               "train_samples_per_s": result.train_samples_per_s,
+                               "train_seconds": result.train_seconds}), markup=False, highlight=False)
+
+
+@app.command()
 def report(out: Annotated[Path, typer.Argument(help="Run folder holding results.jsonl.")]) -> None:
     """Re-render report.md and pareto.png from the records of a run folder."""
     from embpress.bench.report import write_report

@@ -26,6 +26,7 @@ from torch import nn
 
 from embpress.atomic import atomic_open
 from embpress.data.schema import CTRDataset, Split
+from embpress.distributed import DataParallel
 from embpress.models.base import CTRModel
 from embpress.optim import RowSparseAdam
 from embpress.tables.base import ParamGroup, Stage, StageContext
@@ -219,6 +220,24 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.log = log or (lambda msg: None)
         self.head_init = model.head_state()
+        self.dp = DataParallel.current()
+
+    def _backward(self, dense: torch.Tensor, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss and gradients of one batch; under data parallelism (:mod:`embpress.distributed`) this
+        process's slice of it, then the global batch's gradient combined from every process's."""
+        if self.dp is None:
+            loss = _loss(self.model, dense, ids, y)
+            loss.backward()
+            return loss
+        rows = len(y)
+        dense, ids, y = self.dp.shard(dense, ids, y)
+        if len(y):
+            loss = _loss(self.model, dense, ids, y)
+            loss.backward()
+        else:  # a batch smaller than the process count leaves this slice empty
+            loss = torch.zeros(())
+        self.dp.sync_gradients([p for p in self.model.parameters() if p.requires_grad], len(y), rows)
+        return loss
 
     def _context(self) -> StageContext:
         return StageContext(
@@ -281,19 +300,18 @@ class Trainer:
                 for step in range(1, total_steps + 1):
                     dense, ids, y = next(batches)
                     opt.zero_grad()
-                    loss = _loss(model, dense, ids, y)
+                    loss = self._backward(dense, ids, y)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"{model.table.method}: loss became {loss.item()} in stage {stage.name!r} at step {step}"
                         )
-                    loss.backward()
                     opt.step()
                     if vbatches is not None and opt.arch:
                         vd, vi, vy = next(vbatches)
                         opt.zero_grad()
-                        _loss(model, vd, vi, vy).backward()
+                        self._backward(vd, vi, vy)
                         opt.arch_step()
-                    samples += len(y)
+                    samples += len(y)  # the global batch: under data parallelism, every process's rows
                     ctx.step = step
                     if stage.on_step is not None:
                         stage.on_step(ctx)
