@@ -95,6 +95,9 @@ def bench(
                                                 "a local Ray on this machine.")] = None,
     cpus_per_trial: Annotated[int | None, typer.Option(help="With --executor ray: CPUs per trial's task, which "
                                                        "are its torch threads (default: --threads, else 1).")] = None,
+    tune: Annotated[int | None, typer.Option(help="Before each compressed method and ratio runs its seeds, search "
+                                             "its learning rates and declared hyper-parameters with this many "
+                                             "Ray Tune trials (ASHA, validation AUC); needs embpress[ray].")] = None,
 ) -> None:
     """Run methods x ratios x seeds on datasets, append records, then write report.md and pareto.png."""
     from embpress.bench.ctr import (
@@ -114,6 +117,11 @@ def bench(
         _fail("--address and --cpus-per-trial apply to --executor ray; add --executor ray or leave them out")
     _positive(cpus_per_trial, "--cpus-per-trial")
     _positive(threads, "--threads")
+    _positive(tune, "--tune")
+    if tune is not None:
+        from embpress.bench.ray_executor import import_ray as _ray
+
+        _guard(_ray)
     if executor == "ray":
         if cpus_per_trial is not None and threads is not None and cpus_per_trial != threads:
             _fail(f"--threads {threads} differs from --cpus-per-trial {cpus_per_trial}: on Ray a trial's torch "
@@ -136,7 +144,7 @@ def bench(
             methods=resolve_methods(parse_list(methods, str, "methods") or DEFAULT_METHODS),
             ratios=parse_list(ratios, float, "ratios") or DEFAULT_RATIOS,
             seeds=parse_list(seeds, int, "seeds") or ((0,) if quick else (0, 1, 2)),
-            epochs=epochs, dim=dim, batch_size=batch_size, lr=lr, threads=threads, progress=progress,
+            epochs=epochs, dim=dim, batch_size=batch_size, lr=lr, threads=threads, progress=progress, tune=tune,
         )
 
     cfg = _guard(config)

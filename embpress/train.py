@@ -209,7 +209,7 @@ class Trainer:
     """Runs every stage of ``model.table`` on ``data`` and reports test metrics at the best point."""
 
     def __init__(self, model: CTRModel, data: CTRDataset, config: TrainConfig | None = None,
-                 log=None) -> None:
+                 log=None, on_eval=None) -> None:
         if tuple(f.num_embeddings for f in model.table.fields) != tuple(f.num_embeddings for f in data.fields):
             raise ValueError("the model's table was built for other fields than the dataset's")
         if model.num_dense != data.num_dense:
@@ -219,6 +219,7 @@ class Trainer:
         self.cfg = config or TrainConfig()
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.log = log or (lambda msg: None)
+        self.on_eval = on_eval  # called with each validation evaluation's history entry (a tuner's scheduler)
         self.head_init = model.head_state()
         self.dp = DataParallel.current()
 
@@ -334,6 +335,8 @@ class Trainer:
                         history.append({"stage": stage.name, "step": step, "epoch": step / steps_per_epoch,
                                         "valid_auc": auc, "valid_logloss": ll})
                         self.log(f"{stage.name} epoch {step / steps_per_epoch:.2f}: valid AUC {auc:.4f}")
+                        if self.on_eval is not None:
+                            self.on_eval(history[-1])
                         if stage.early_stopping and auc > best_auc:
                             best_auc, bad_evals = auc, 0
                             # at the stage's last step the model is the best state: no copy (a copy

@@ -3,6 +3,8 @@ hosts aside), and the executor is not part of a trial's identity (a Ray run resu
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'embpress[ray]')")
@@ -57,3 +59,37 @@ def test_ray_threads_must_equal_cpus_per_trial(tmp_path, tiny_data, local_ray):
         run_bench(cfg, tmp_path, load=lambda s: tiny_data, log=lambda m: None, executor=RayExecutor(cpus_per_trial=1))
     with pytest.raises(ValueError, match="cpus-per-trial"):
         RayExecutor(cpus_per_trial=0)
+
+
+def test_tune_searches_on_validation_records_chosen_values_and_resumes(tmp_path, tiny_data, local_ray):
+    import json
+
+    from embpress.bench.report import write_report
+    from embpress.bench.tune import LR_SPACE
+
+    cfg = BenchConfig(datasets=("tiny",), methods=("qr",), ratios=(2,), seeds=(0, 1), epochs=1, batch_size=256,
+                      threads=1, progress=False, tune=3)
+    first = run_bench(cfg, tmp_path, load=lambda s: tiny_data, log=lambda m: None)
+    assert first.ran == 2 and not first.failed
+    searches = [json.loads(line) for line in (tmp_path / "tune.jsonl").read_text().splitlines()]
+    assert len(searches) == 1 and len(searches[0]["trials"]) == 3
+    s = searches[0]
+    # the chosen point is the trial with the best validation AUC (test AUC is never reported to the search)
+    assert s["valid_auc"] == max(t["best_valid_auc"] for t in s["trials"])
+    assert s["chosen"] == next(t["point"] for t in s["trials"] if t["best_valid_auc"] == s["valid_auc"])
+    assert set(s["chosen"]) == {"lr", "sparse_lr", "operation"} and LR_SPACE[1] <= s["chosen"]["lr"] <= LR_SPACE[2]
+    recs = read_records(tmp_path / "results.jsonl")
+    for r in recs:  # the chosen values are the trial's identity, and were used
+        c = r["config"]
+        assert c["lr"] == s["chosen"]["lr"] and c["train"]["sparse_lr"] == s["chosen"]["sparse_lr"]
+        assert c["hparams"]["operation"] == s["chosen"]["operation"] and c["tune"]["chosen"] == s["chosen"]
+    # the defaults are other trials: an untuned run of the same grid records its own rows
+    plain = run_bench(dataclasses.replace(cfg, tune=None), tmp_path, load=lambda s: tiny_data, log=lambda m: None)
+    assert plain.ran == 2 and plain.skipped == 0
+    # resume: no new search, no new trial
+    again = run_bench(cfg, tmp_path, load=lambda s: tiny_data, log=lambda m: None)
+    assert again.ran == 0 and again.skipped == 2
+    assert len((tmp_path / "tune.jsonl").read_text().splitlines()) == 1
+    md, _ = write_report(tmp_path)
+    text = md.read_text()
+    assert "qr (tuned)" in text and "Tuned rows" in text

@@ -61,6 +61,9 @@ class BenchConfig:
     lr: float = 3e-3
     threads: int | None = None
     progress: bool = True
+    tune: int | None = None
+    """Search each (dataset, model, method, ratio)'s learning rates and declared hyper-parameters with
+    this many Ray Tune trials (ASHA, validation AUC) before running its seeds; None: the defaults."""
 
     def __post_init__(self) -> None:
         for name in ("datasets", "models", "methods", "ratios", "seeds"):
@@ -81,9 +84,9 @@ class BenchConfig:
         for s in self.seeds:
             if isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 0:
                 raise ValueError(f"--seeds: {s!r} is not a non-negative int")
-        for name, low in (("dim", 1), ("epochs", 1), ("batch_size", 1), ("threads", 1)):
+        for name, low in (("dim", 1), ("epochs", 1), ("batch_size", 1), ("threads", 1), ("tune", 1)):
             v = getattr(self, name)
-            if v is None and name in ("epochs", "threads"):
+            if v is None and name in ("epochs", "threads", "tune"):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {v!r}")
@@ -98,6 +101,14 @@ class Trial:
     method: str
     ratio: float
     seed: int
+    tuned: tuple[tuple[str, Any], ...] = ()
+    """The values a search chose (``lr``, ``sparse_lr`` and table hyper-parameters), sorted by name;
+    empty for a trial at the defaults."""
+    search: tuple[tuple[str, Any], ...] = ()
+    """The search's own settings (trials, scheduler, space, seed): part of a tuned trial's identity."""
+
+    def table_hparams(self) -> dict[str, Any]:
+        return {k: v for k, v in self.tuned if k not in ("lr", "sparse_lr")}
 
     def epochs(self, cfg: BenchConfig) -> int:
         """The grid's epochs, else the dataset format's default (:data:`DEFAULT_EPOCHS`)."""
@@ -107,11 +118,13 @@ class Trial:
 
     def label(self, name: str | None = None) -> str:
         """``DATASET MODEL METHOD@RATIOx seed S``, with the dataset's short ``name`` when given."""
-        return f"{name or self.dataset} {self.model} {self.method}@{self.ratio:g}x seed {self.seed}"
+        tuned = " (tuned)" if self.tuned else ""
+        return f"{name or self.dataset} {self.model} {self.method}@{self.ratio:g}x{tuned} seed {self.seed}"
 
     def train_config(self, cfg: BenchConfig) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs(cfg), batch_size=cfg.batch_size, lr=cfg.lr, sparse_lr=cfg.lr,
-                           seed=self.seed, progress=cfg.progress)
+        t = dict(self.tuned)
+        return TrainConfig(epochs=self.epochs(cfg), batch_size=cfg.batch_size, lr=t.get("lr", cfg.lr),
+                           sparse_lr=t.get("sparse_lr", cfg.lr), seed=self.seed, progress=cfg.progress)
 
 
 def plan_trials(cfg: BenchConfig) -> list[Trial]:
@@ -179,12 +192,16 @@ def trial_config(trial: Trial, cfg: BenchConfig, data_fingerprint: dict[str, Any
     tcfg = asdict(trial.train_config(cfg))
     for name in ("progress", "seed", "epochs", "batch_size", "lr"):  # progress changes nothing; the rest is above
         del tcfg[name]
-    return {
+    config = {
         "dataset": trial.dataset, "data": data_fingerprint, "model": trial.model,
         "model_hparams": _model_hparams(trial.model), "method": method, "ratio": trial.ratio,
-        "hparams": _defaults(table_hparams(base)), "seed": trial.seed, "dim": cfg.dim, "epochs": trial.epochs(cfg),
-        "batch_size": cfg.batch_size, "lr": cfg.lr, "train": tcfg, "threads": cfg.threads,
+        "hparams": {**_defaults(table_hparams(base)), **trial.table_hparams()}, "seed": trial.seed, "dim": cfg.dim,
+        "epochs": trial.epochs(cfg), "batch_size": cfg.batch_size, "lr": dict(trial.tuned).get("lr", cfg.lr),
+        "train": tcfg, "threads": cfg.threads,
     }
+    if trial.tuned:  # the chosen values are above; how they were chosen, and from what, here
+        config["tune"] = {**dict(trial.search), "base_lr": cfg.lr, "chosen": dict(trial.tuned)}
+    return config
 
 
 def _data_metrics(data: CTRDataset) -> dict[str, Any]:
@@ -234,8 +251,10 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> tuple[str, dict[str, Any], str | None]:
+def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset,
+              on_eval: Callable[[dict[str, Any]], None] | None = None) -> tuple[str, dict[str, Any], str | None]:
     """Build, train and measure one trial: ``(status, metrics, reason)``, status ok or unreachable.
+    ``on_eval`` sees each validation evaluation (a search reports them to its scheduler).
 
     Memory is recorded twice: ``train_state_bytes`` (the table's tensors, optimizer moments and dense
     gradients, counted; see :meth:`CompressedTable.train_state_bytes`) and ``peak_rss_bytes``, the
@@ -247,11 +266,11 @@ def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> tuple[str, di
     spec = trial.method
     try:
         table = build_table(spec, fields=data.fields, dim=cfg.dim,
-                            budget=None if _is_reference(spec) else Ratio(trial.ratio))
+                            budget=None if _is_reference(spec) else Ratio(trial.ratio), **trial.table_hparams())
     except BudgetError as e:
         return "unreachable", metrics, str(e)
     model = build_model(trial.model, table=table, num_dense=data.num_dense)
-    result = Trainer(model, data, trial.train_config(cfg)).fit()
+    result = Trainer(model, data, trial.train_config(cfg), on_eval=on_eval).fit()
     serving = table.serving_bytes()
     ids = torch.from_numpy(data.test.sparse[:16384].astype("int64"))
     flops = getattr(table, "flops_per_lookup", None)
@@ -335,6 +354,10 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
     for ds, ds_trials in by_dataset.items():
         data = load(ds)
         fp = dataset_fingerprint(data)
+        if cfg.tune:
+            from embpress.bench.tune import tuned_trials
+
+            ds_trials = tuned_trials(ds_trials, cfg, data, fp, Path(out), log=log)
         todo = []
         for t in ds_trials:
             config = trial_config(t, cfg, fp)
