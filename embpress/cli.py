@@ -116,7 +116,8 @@ def bench(
     if executor == "serial" and (address is not None or cpus_per_trial is not None):
         _fail("--address and --cpus-per-trial apply to --executor ray; add --executor ray or leave them out")
     _positive(cpus_per_trial, "--cpus-per-trial")
-    _positive(threads, "--threads")
+    if threads is not None and threads < 1:  # before --executor ray puts its default in its place
+        _fail(f"--threads must be an int >= 1, got {threads}")
     _positive(tune, "--tune")
     if tune is not None:
         from embpress.bench.ray_executor import import_ray as _ray
