@@ -78,6 +78,8 @@ def test_tune_searches_on_validation_records_chosen_values_and_resumes(tmp_path,
     assert s["valid_auc"] == max(t["best_valid_auc"] for t in s["trials"])
     assert s["chosen"] == next(t["point"] for t in s["trials"] if t["best_valid_auc"] == s["valid_auc"])
     assert set(s["chosen"]) == {"lr", "sparse_lr", "operation"} and LR_SPACE[1] <= s["chosen"]["lr"] <= LR_SPACE[2]
+    # the defaults are one of the points, so the choice is never worse than them on validation
+    assert {"lr": cfg.lr, "sparse_lr": cfg.lr, "operation": "mult"} in [t["point"] for t in s["trials"]]
     recs = read_records(tmp_path / "results.jsonl")
     for r in recs:  # the chosen values are the trial's identity, and were used
         c = r["config"]

@@ -1,7 +1,8 @@
 """Tuned comparisons (``embpress bench --tune N``): before a (dataset, model, method, ratio) runs its seeds,
 Ray Tune searches its learning rates and the hyper-parameters its table declares
 (:attr:`embpress.tables.CompressedTable.tune_space`) with ``N`` trials under ASHA, on validation
-AUC only (never on test AUC), at the grid's first seed. The seeds then run at the best point; their
+AUC only (never on test AUC), at the grid's first seed; the first of the ``N`` points is the
+grid's defaults, the others are drawn at random. The seeds then run at the best point; their
 records carry the chosen values in their configuration (so they are other trials than the
 defaults' ones) and the search's settings under ``config["tune"]``, and the report marks them.
 
@@ -27,6 +28,7 @@ from embpress.bench.ctr import BenchConfig, Trial, _is_reference, run_trial, tri
 from embpress.bench.records import canonical_json, fingerprint
 from embpress.data.schema import CTRDataset
 from embpress.tables import table_class
+from embpress.tables.base import table_hparams
 
 LR_SPACE = ("loguniform", 3e-4, 3e-2)
 """The learning rates' range (Adam for dense parameters, row-sparse Adam for sparse rows)."""
@@ -40,6 +42,14 @@ def search_space(method: str) -> dict[str, tuple]:
     space = {"lr": LR_SPACE, "sparse_lr": LR_SPACE}
     space.update(table_class(method.split("+")[0]).tune_space)
     return space
+
+
+def default_point(method: str, cfg: BenchConfig) -> dict[str, Any]:
+    """The grid's defaults as a point of :func:`search_space`: every search evaluates it first, so a
+    search can only choose another point that did better on validation."""
+    params = table_hparams(table_class(method.split("+")[0]))
+    return {"lr": cfg.lr, "sparse_lr": cfg.lr,
+            **{k: params[k].default for k in table_class(method.split("+")[0]).tune_space}}
 
 
 def _tune_domain(spec: tuple):
@@ -97,7 +107,8 @@ def _search(template: Trial, cfg: BenchConfig, data: CTRDataset, space: dict[str
                 metric="valid_auc", mode="max", num_samples=settings["trials"],
                 scheduler=ASHAScheduler(max_t=evals, grace_period=SCHEDULER["grace_period"],
                                         reduction_factor=SCHEDULER["reduction_factor"]),
-                search_alg=BasicVariantGenerator(random_state=settings["search_seed"])),
+                search_alg=BasicVariantGenerator(points_to_evaluate=[settings["first_point"]],
+                                                  random_state=settings["search_seed"])),
             run_config=tune.RunConfig(storage_path=storage, name="search", verbose=0))
         grid = tuner.fit()
         trials = []
@@ -162,6 +173,7 @@ def tuned_trials(trials: Sequence[Trial], cfg: BenchConfig, data: CTRDataset, da
             template = dataclasses.replace(t, seed=cfg.seeds[0])
             settings = {"trials": cfg.tune, "scheduler": SCHEDULER, "metric": "valid_auc",
                         "space": {k: list(v) for k, v in space.items()}, "search_seed": cfg.seeds[0],
+                        "first_point": default_point(t.method, cfg),
                         "max_evaluations": 4 * template.epochs(cfg) * template.train_config(cfg).evals_per_epoch}
             base = trial_config(template, cfg, data_fp)
             key = fingerprint({"untuned": {k: v for k, v in base.items() if k != "seed"}, "search": settings})[:16]
