@@ -171,7 +171,7 @@ def train(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset spec (as for bench).")] = DEFAULT_DATASET,
     model: Annotated[str, typer.Option(help="Model head: dlrm, dcn, wdl, deepfm.")] = "dlrm",
     method: Annotated[str, typer.Option(help="Table method.")] = "hash",
-    ratio: Annotated[float | None, typer.Option(help="Compression ratio (none for full, noid).")] = 10.0,
+    ratio: Annotated[float, typer.Option(help="Compression ratio (ignored by the references full and noid).")] = 10.0,
     dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 16,
     epochs: Annotated[int, typer.Option(help="Epochs per stage.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Global batch size (split over torchrun's processes).")] = 2048,
@@ -187,6 +187,7 @@ def train(
 
     import torch
 
+    from embpress.bench.ctr import _is_reference
     from embpress.data.registry import check_spec, load_dataset
     from embpress.distributed import init_from_env
     from embpress.models import build_model
@@ -203,8 +204,8 @@ def train(
         torch.set_num_threads(threads)
     data = _guard(lambda: load_dataset(dataset, progress=progress and rank == 0))
     torch.manual_seed(seed)
-    table = _guard(lambda: build_table(method, fields=data.fields, dim=dim,
-                                       budget=None if ratio is None else Ratio(ratio)))
+    reference = _guard(lambda: _is_reference(method))
+    table = _guard(lambda: build_table(method, fields=data.fields, dim=dim, budget=None if reference else Ratio(ratio)))
     net = _guard(lambda: build_model(model, table=table, num_dense=data.num_dense))
     cfg = _guard(lambda: TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, sparse_lr=lr, seed=seed,
                                      progress=progress and rank == 0))
@@ -212,7 +213,7 @@ def train(
     if rank == 0:
         if checkpoint is not None:
             save_checkpoint(checkpoint, net, method=method, ratio=ratio, seed=seed)
-        _out.print(json.dumps({"method": method, "ratio": ratio, "seed": seed,
+        _out.print(json.dumps({"method": method, "ratio": None if reference else ratio, "seed": seed,
                                "processes": 1 if dp is None else dp.world_size,
                                "valid_auc": result.valid_auc, "test_auc": result.test_auc,
                                "test_logloss": result.test_logloss,

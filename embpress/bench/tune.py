@@ -32,8 +32,10 @@ from embpress.tables.base import table_hparams
 
 LR_SPACE = ("loguniform", 3e-4, 3e-2)
 """The learning rates' range (Adam for dense parameters, row-sparse Adam for sparse rows)."""
-SCHEDULER = {"name": "asha", "grace_period": 1, "reduction_factor": 2}
-"""ASHA (Li et al. 2020, arXiv:1810.05934) over validation evaluations (``training_iteration``)."""
+SCHEDULER = {"name": "asha", "grace_epochs": 2, "reduction_factor": 2}
+"""ASHA (Li et al. 2020, arXiv:1810.05934) over validation evaluations (``training_iteration``); no
+trial is stopped before ``grace_epochs`` epochs (a first rung at half an epoch stopped the defaults'
+learning rate on Frappe, which is slow to start and ends best on validation)."""
 TUNE_FILE = "tune.jsonl"
 
 
@@ -105,7 +107,7 @@ def _search(template: Trial, cfg: BenchConfig, data: CTRDataset, space: dict[str
             trainable, param_space={k: _tune_domain(v) for k, v in space.items()},
             tune_config=tune.TuneConfig(
                 metric="valid_auc", mode="max", num_samples=settings["trials"],
-                scheduler=ASHAScheduler(max_t=evals, grace_period=SCHEDULER["grace_period"],
+                scheduler=ASHAScheduler(max_t=evals, grace_period=settings["grace_evaluations"],
                                         reduction_factor=SCHEDULER["reduction_factor"]),
                 search_alg=BasicVariantGenerator(points_to_evaluate=[settings["first_point"]],
                                                   random_state=settings["search_seed"])),
@@ -174,6 +176,7 @@ def tuned_trials(trials: Sequence[Trial], cfg: BenchConfig, data: CTRDataset, da
             settings = {"trials": cfg.tune, "scheduler": SCHEDULER, "metric": "valid_auc",
                         "space": {k: list(v) for k, v in space.items()}, "search_seed": cfg.seeds[0],
                         "first_point": default_point(t.method, cfg),
+                        "grace_evaluations": SCHEDULER["grace_epochs"] * template.train_config(cfg).evals_per_epoch,
                         "max_evaluations": 4 * template.epochs(cfg) * template.train_config(cfg).evals_per_epoch}
             base = trial_config(template, cfg, data_fp)
             key = fingerprint({"untuned": {k: v for k, v in base.items() if k != "seed"}, "search": settings})[:16]
