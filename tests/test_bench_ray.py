@@ -52,6 +52,16 @@ def test_ray_grid_records_equal_serial_and_resume_across_executors(tmp_path, tin
     assert again.ran == 0 and again.skipped == 12
 
 
+def test_a_failing_trial_on_ray_is_recorded_like_a_serial_one(tmp_path, tiny_data, local_ray):
+    cfg = BenchConfig(datasets=("tiny",), methods=("hash",), ratios=(2,), seeds=(0,), epochs=1, batch_size=256,
+                      threads=1, progress=False, lr=1e12)  # diverges at once
+    out = run_bench(cfg, tmp_path, load=lambda s: tiny_data, log=lambda m: None, executor=RayExecutor())
+    assert out.ran == 1 and len(out.failed) == 1 and "loss became nan" in out.failed[0]
+    (rec,) = read_records(tmp_path / "results.jsonl")
+    assert rec["status"] == "failed" and rec["reason"].startswith("FloatingPointError")
+    assert "traceback" in rec["metrics"] and rec["metrics"]["host"]
+
+
 def test_ray_threads_must_equal_cpus_per_trial(tmp_path, tiny_data, local_ray):
     cfg = BenchConfig(datasets=("tiny",), methods=("hash",), ratios=(4,), seeds=(0,), epochs=1, threads=2,
                       progress=False)
