@@ -88,6 +88,16 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Same grid, smaller: one seed, 200k synthetic rows.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    executor: Annotated[str, typer.Option(help="Where trials run: serial (this process) or ray (one Ray task "
+                                          "per trial; pip install 'embpress[ray]').")] = "serial",
+    address: Annotated[str | None, typer.Option(help="With --executor ray: a running Ray cluster's address "
+                                                "('auto': the one this machine belongs to); default: start "
+                                                "a local Ray on this machine.")] = None,
+    cpus_per_trial: Annotated[int | None, typer.Option(help="With --executor ray: CPUs per trial's task, which "
+                                                       "are its torch threads (default: --threads, else 1).")] = None,
+    tune: Annotated[int | None, typer.Option(help="Before each compressed method and ratio runs its seeds, search "
+                                             "its learning rates and declared hyper-parameters with this many "
+                                             "Ray Tune trials (ASHA, validation AUC); needs embpress[ray].")] = None,
 ) -> None:
     """Run methods x ratios x seeds on datasets, append records, then write report.md and pareto.png."""
     from embpress.bench.ctr import (
@@ -101,6 +111,30 @@ def bench(
     from embpress.bench.report import write_report
     from embpress.data.registry import check_spec, load_dataset
 
+    if executor not in ("serial", "ray"):
+        _fail(f"--executor must be serial or ray, got {executor!r}")
+    if executor == "serial" and (address is not None or cpus_per_trial is not None):
+        _fail("--address and --cpus-per-trial apply to --executor ray; add --executor ray or leave them out")
+    _positive(cpus_per_trial, "--cpus-per-trial")
+    if threads is not None and threads < 1:  # before --executor ray puts its default in its place
+        _fail(f"--threads must be an int >= 1, got {threads}")
+    _positive(tune, "--tune")
+    if tune is not None:
+        from embpress.bench.ray_executor import import_ray as _ray
+
+        _guard(_ray)
+    if executor == "ray":
+        if cpus_per_trial is not None and threads is not None and cpus_per_trial != threads:
+            _fail(f"--threads {threads} differs from --cpus-per-trial {cpus_per_trial}: on Ray a trial's torch "
+                  "threads are its task's CPUs; give one of them")
+        threads = threads or cpus_per_trial or 1
+        from embpress.bench.ray_executor import RayExecutor, import_ray
+
+        _guard(import_ray)
+        run_on = RayExecutor(address=address, cpus_per_trial=threads)
+    else:
+        run_on = None
+
     def config() -> BenchConfig:
         datasets = tuple(dataset) if dataset else ((QUICK_DATASET,) if quick else (DEFAULT_DATASET,))
         for spec in datasets:
@@ -111,7 +145,7 @@ def bench(
             methods=resolve_methods(parse_list(methods, str, "methods") or DEFAULT_METHODS),
             ratios=parse_list(ratios, float, "ratios") or DEFAULT_RATIOS,
             seeds=parse_list(seeds, int, "seeds") or ((0,) if quick else (0, 1, 2)),
-            epochs=epochs, dim=dim, batch_size=batch_size, lr=lr, threads=threads, progress=progress,
+            epochs=epochs, dim=dim, batch_size=batch_size, lr=lr, threads=threads, progress=progress, tune=tune,
         )
 
     cfg = _guard(config)
@@ -121,7 +155,8 @@ def bench(
         console.print(f"loading {spec} ...", markup=False)
         return load_dataset(spec, progress=progress)
 
-    outcome = _guard(lambda: run_bench(cfg, out, load=load, log=lambda m: console.print(m, markup=False)))
+    outcome = _guard(lambda: run_bench(cfg, out, load=load, log=lambda m: console.print(m, markup=False),
+                                       executor=run_on))
     md, png = _guard(lambda: write_report(out))
     console.print(f"{outcome.ran} trials run, {outcome.skipped} already recorded; wrote {md} and {png}", markup=False)
     if outcome.failed:
@@ -129,6 +164,61 @@ def bench(
         for f in outcome.failed:
             console.print(f"  {f}", markup=False)
         raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset spec (as for bench).")] = DEFAULT_DATASET,
+    model: Annotated[str, typer.Option(help="Model head: dlrm, dcn, wdl, deepfm.")] = "dlrm",
+    method: Annotated[str, typer.Option(help="Table method.")] = "hash",
+    ratio: Annotated[float, typer.Option(help="Compression ratio (ignored by the references full and noid).")] = 10.0,
+    dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 16,
+    epochs: Annotated[int, typer.Option(help="Epochs per stage.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (split over torchrun's processes).")] = 2048,
+    lr: Annotated[float, typer.Option(help="Learning rate (Adam and row-sparse Adam).")] = 3e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the table, the model and the batch order.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch threads per process.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Write the trained model here (rank 0).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars (rank 0).")] = True,
+) -> None:
+    """Train one model and print its metrics as JSON; under `torchrun --nproc-per-node N` the processes
+    train one replicated model data-parallel (gloo), each on its slice of every batch."""
+    import json
+
+    import torch
+
+    from embpress.bench.ctr import _is_reference
+    from embpress.data.registry import check_spec, load_dataset
+    from embpress.distributed import init_from_env
+    from embpress.models import build_model
+    from embpress.tables import Ratio, build_table
+    from embpress.train import TrainConfig, Trainer, save_checkpoint
+
+    for value, option in ((dim, "--dim"), (epochs, "--epochs"), (batch_size, "--batch-size"), (threads, "--threads")):
+        _positive(value, option)
+    _positive(ratio, "--ratio")
+    _guard(lambda: check_spec(dataset))
+    dp = _guard(init_from_env)
+    rank = 0 if dp is None else dp.rank
+    if threads:
+        torch.set_num_threads(threads)
+    data = _guard(lambda: load_dataset(dataset, progress=progress and rank == 0))
+    torch.manual_seed(seed)
+    reference = _guard(lambda: _is_reference(method))
+    table = _guard(lambda: build_table(method, fields=data.fields, dim=dim, budget=None if reference else Ratio(ratio)))
+    net = _guard(lambda: build_model(model, table=table, num_dense=data.num_dense))
+    cfg = _guard(lambda: TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, sparse_lr=lr, seed=seed,
+                                     progress=progress and rank == 0))
+    result = Trainer(net, data, cfg).fit()
+    if rank == 0:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, net, method=method, ratio=ratio, seed=seed)
+        _out.print(json.dumps({"method": method, "ratio": None if reference else ratio, "seed": seed,
+                               "processes": 1 if dp is None else dp.world_size,
+                               "valid_auc": result.valid_auc, "test_auc": result.test_auc,
+                               "test_logloss": result.test_logloss,
+                               "train_samples_per_s": result.train_samples_per_s,
+                               "train_seconds": result.train_seconds}), markup=False, highlight=False)
 
 
 @app.command()

@@ -26,6 +26,7 @@ from torch import nn
 
 from embpress.atomic import atomic_open
 from embpress.data.schema import CTRDataset, Split
+from embpress.distributed import DataParallel
 from embpress.models.base import CTRModel
 from embpress.optim import RowSparseAdam
 from embpress.tables.base import ParamGroup, Stage, StageContext
@@ -210,7 +211,7 @@ class Trainer:
     """Runs every stage of ``model.table`` on ``data`` and reports test metrics at the best point."""
 
     def __init__(self, model: CTRModel, data: CTRDataset, config: TrainConfig | None = None,
-                 log=None) -> None:
+                 log=None, on_eval=None) -> None:
         if tuple(f.num_embeddings for f in model.table.fields) != tuple(f.num_embeddings for f in data.fields):
             raise ValueError("the model's table was built for other fields than the dataset's")
         if model.num_dense != data.num_dense:
@@ -220,7 +221,26 @@ class Trainer:
         self.cfg = config or TrainConfig()
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.log = log or (lambda msg: None)
+        self.on_eval = on_eval  # called with each validation evaluation's history entry (a tuner's scheduler)
         self.head_init = model.head_state()
+        self.dp = DataParallel.current()
+
+    def _backward(self, dense: torch.Tensor, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss and gradients of one batch; under data parallelism (:mod:`embpress.distributed`) this
+        process's slice of it, then the global batch's gradient combined from every process's."""
+        if self.dp is None:
+            loss = _loss(self.model, dense, ids, y)
+            loss.backward()
+            return loss
+        rows = len(y)
+        dense, ids, y = self.dp.shard(dense, ids, y)
+        if len(y):
+            loss = _loss(self.model, dense, ids, y)
+            loss.backward()
+        else:  # a batch smaller than the process count leaves this slice empty
+            loss = torch.zeros(())
+        self.dp.sync_gradients([p for p in self.model.parameters() if p.requires_grad], len(y), rows)
+        return loss
 
     def _context(self) -> StageContext:
         return StageContext(
@@ -283,19 +303,18 @@ class Trainer:
                 for step in range(1, total_steps + 1):
                     dense, ids, y = next(batches)
                     opt.zero_grad()
-                    loss = _loss(model, dense, ids, y)
+                    loss = self._backward(dense, ids, y)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"{model.table.method}: loss became {loss.item()} in stage {stage.name!r} at step {step}"
                         )
-                    loss.backward()
                     opt.step()
                     if vbatches is not None and opt.arch:
                         vd, vi, vy = next(vbatches)
                         opt.zero_grad()
-                        _loss(model, vd, vi, vy).backward()
+                        self._backward(vd, vi, vy)
                         opt.arch_step()
-                    samples += len(y)
+                    samples += len(y)  # the global batch: under data parallelism, every process's rows
                     ctx.step = step
                     if stage.on_step is not None:
                         stage.on_step(ctx)
@@ -318,6 +337,8 @@ class Trainer:
                         history.append({"stage": stage.name, "step": step, "epoch": step / steps_per_epoch,
                                         "valid_auc": auc, "valid_logloss": ll})
                         self.log(f"{stage.name} epoch {step / steps_per_epoch:.2f}: valid AUC {auc:.4f}")
+                        if self.on_eval is not None:
+                            self.on_eval(history[-1])
                         if stage.early_stopping and auc > best_auc:
                             best_auc, bad_evals = auc, 0
                             # at the stage's last step the model is the best state: no copy (a copy

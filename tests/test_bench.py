@@ -227,3 +227,51 @@ def test_file_dataset_fingerprint_is_the_sources_content(tiny_data):
     moved = dataclasses.replace(a, info={**a.info, "sources": [{"path": "/y/a.txt", "sha256": "ab" * 32}]})
     edited = dataclasses.replace(a, info={**a.info, "sources": [{"path": "/x/a.txt", "sha256": "cd" * 32}]})
     assert dataset_fingerprint(a) == dataset_fingerprint(moved) != dataset_fingerprint(edited)
+
+
+def test_cli_executor_options_are_checked(tmp_path, monkeypatch):
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "--executor", "dask", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--executor must be serial or ray" in res.output
+    res = runner.invoke(app, ["bench", "--cpus-per-trial", "2", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "apply to --executor ray" in res.output
+    res = runner.invoke(app, ["bench", "--executor", "ray", "--threads", "2", "--cpus-per-trial", "1",
+                              "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "differs from --cpus-per-trial" in res.output
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if ray were not installed
+    for args in (["--executor", "ray"], ["--tune", "4"]):
+        res = runner.invoke(app, ["bench", *args, "--out", str(tmp_path)])
+        assert res.exit_code == 2 and "pip install 'embpress[ray]'" in res.output, res.output
+
+
+def test_importing_embpress_never_imports_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, embpress, embpress.cli, embpress.bench.ctr, embpress.bench.ray_executor, "
+            "embpress.bench.tune, embpress.vectors.ray_encode, embpress.train; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_tuned_trial_identity_holds_the_chosen_values(tiny_data):
+    from embpress.bench.ctr import Trial, trial_config
+
+    cfg = BenchConfig(methods=("qr",), ratios=(4,), seeds=(0,), epochs=1)
+    fp = dataset_fingerprint(tiny_data)
+    plain = Trial("tiny", "dlrm", "qr", 4.0, 0)
+    a = dataclasses.replace(plain, tuned=(("lr", 0.01), ("operation", "add"), ("sparse_lr", 0.02)),
+                            search=(("trials", 8),))
+    b = dataclasses.replace(a, tuned=(("lr", 0.01), ("operation", "mult"), ("sparse_lr", 0.02)))
+    ca, cb, cp = (trial_config(t, cfg, fp) for t in (a, b, plain))
+    assert len({fingerprint_of(c) for c in (ca, cb, cp)}) == 3
+    assert ca["lr"] == 0.01 and ca["train"]["sparse_lr"] == 0.02 and ca["hparams"]["operation"] == "add"
+    assert a.train_config(cfg).sparse_lr == 0.02 and plain.train_config(cfg).lr == cfg.lr
+    assert "tune" not in cp and ca["tune"]["base_lr"] == cfg.lr
+
+
+def fingerprint_of(config):
+    from embpress.bench.records import trial_id
+
+    return trial_id(config)

@@ -8,9 +8,10 @@ skipping the trials already recorded. A method that cannot reach a ratio is reco
 from __future__ import annotations
 
 import inspect
+import socket
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from embpress.bench.records import (
 )
 from embpress.data.schema import CTRDataset
 from embpress.models import CTRModel, build_model, registered_models
+from embpress.progress import progress_task
 from embpress.tables import BudgetError, Ratio, build_table, table_class
 from embpress.tables.base import CompressedTable, table_hparams
 from embpress.train import TrainConfig, Trainer
@@ -39,7 +41,7 @@ DEFAULT_EPOCHS = {"synthetic": 1, "criteo": 1, "avazu": 1, "movielens": 30, "lib
 in the CTR literature; small sets train longer and early stopping on validation AUC decides."""
 
 MEASURED_METRICS = ("train_samples_per_s", "train_seconds", "infer_lookups_per_s", "stage_seconds", "wall_seconds",
-                    "peak_rss_bytes", "peak_rss_scope")
+                    "peak_rss_bytes", "peak_rss_scope", "host")
 """Metrics that measure the machine (speed, peak memory): they vary between runs of one trial; everything
 else must not."""
 
@@ -59,6 +61,9 @@ class BenchConfig:
     lr: float = 3e-3
     threads: int | None = None
     progress: bool = True
+    tune: int | None = None
+    """Search each (dataset, model, method, ratio)'s learning rates and declared hyper-parameters with
+    this many Ray Tune trials (ASHA, validation AUC) before running its seeds; None: the defaults."""
 
     def __post_init__(self) -> None:
         for name in ("datasets", "models", "methods", "ratios", "seeds"):
@@ -79,9 +84,9 @@ class BenchConfig:
         for s in self.seeds:
             if isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 0:
                 raise ValueError(f"--seeds: {s!r} is not a non-negative int")
-        for name, low in (("dim", 1), ("epochs", 1), ("batch_size", 1), ("threads", 1)):
+        for name, low in (("dim", 1), ("epochs", 1), ("batch_size", 1), ("threads", 1), ("tune", 1)):
             v = getattr(self, name)
-            if v is None and name in ("epochs", "threads"):
+            if v is None and name in ("epochs", "threads", "tune"):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {v!r}")
@@ -96,6 +101,14 @@ class Trial:
     method: str
     ratio: float
     seed: int
+    tuned: tuple[tuple[str, Any], ...] = ()
+    """The values a search chose (``lr``, ``sparse_lr`` and table hyper-parameters), sorted by name;
+    empty for a trial at the defaults."""
+    search: tuple[tuple[str, Any], ...] = ()
+    """The search's own settings (trials, scheduler, space, seed): part of a tuned trial's identity."""
+
+    def table_hparams(self) -> dict[str, Any]:
+        return {k: v for k, v in self.tuned if k not in ("lr", "sparse_lr")}
 
     def epochs(self, cfg: BenchConfig) -> int:
         """The grid's epochs, else the dataset format's default (:data:`DEFAULT_EPOCHS`)."""
@@ -105,11 +118,13 @@ class Trial:
 
     def label(self, name: str | None = None) -> str:
         """``DATASET MODEL METHOD@RATIOx seed S``, with the dataset's short ``name`` when given."""
-        return f"{name or self.dataset} {self.model} {self.method}@{self.ratio:g}x seed {self.seed}"
+        tuned = " (tuned)" if self.tuned else ""
+        return f"{name or self.dataset} {self.model} {self.method}@{self.ratio:g}x{tuned} seed {self.seed}"
 
     def train_config(self, cfg: BenchConfig) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs(cfg), batch_size=cfg.batch_size, lr=cfg.lr, sparse_lr=cfg.lr,
-                           seed=self.seed, progress=cfg.progress)
+        t = dict(self.tuned)
+        return TrainConfig(epochs=self.epochs(cfg), batch_size=cfg.batch_size, lr=t.get("lr", cfg.lr),
+                           sparse_lr=t.get("sparse_lr", cfg.lr), seed=self.seed, progress=cfg.progress)
 
 
 def plan_trials(cfg: BenchConfig) -> list[Trial]:
@@ -177,12 +192,16 @@ def trial_config(trial: Trial, cfg: BenchConfig, data_fingerprint: dict[str, Any
     tcfg = asdict(trial.train_config(cfg))
     for name in ("progress", "seed", "epochs", "batch_size", "lr"):  # progress changes nothing; the rest is above
         del tcfg[name]
-    return {
+    config = {
         "dataset": trial.dataset, "data": data_fingerprint, "model": trial.model,
         "model_hparams": _model_hparams(trial.model), "method": method, "ratio": trial.ratio,
-        "hparams": _defaults(table_hparams(base)), "seed": trial.seed, "dim": cfg.dim, "epochs": trial.epochs(cfg),
-        "batch_size": cfg.batch_size, "lr": cfg.lr, "train": tcfg, "threads": cfg.threads,
+        "hparams": {**_defaults(table_hparams(base)), **trial.table_hparams()}, "seed": trial.seed, "dim": cfg.dim,
+        "epochs": trial.epochs(cfg), "batch_size": cfg.batch_size, "lr": dict(trial.tuned).get("lr", cfg.lr),
+        "train": tcfg, "threads": cfg.threads,
     }
+    if trial.tuned:  # the chosen values are above; how they were chosen, and from what, here
+        config["tune"] = {**dict(trial.search), "base_lr": cfg.lr, "chosen": dict(trial.tuned)}
+    return config
 
 
 def _data_metrics(data: CTRDataset) -> dict[str, Any]:
@@ -232,8 +251,10 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> tuple[str, dict[str, Any], str | None]:
+def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset,
+              on_eval: Callable[[dict[str, Any]], None] | None = None) -> tuple[str, dict[str, Any], str | None]:
     """Build, train and measure one trial: ``(status, metrics, reason)``, status ok or unreachable.
+    ``on_eval`` sees each validation evaluation (a search reports them to its scheduler).
 
     Memory is recorded twice: ``train_state_bytes`` (the table's tensors, optimizer moments and dense
     gradients, counted; see :meth:`CompressedTable.train_state_bytes`) and ``peak_rss_bytes``, the
@@ -245,11 +266,11 @@ def run_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> tuple[str, di
     spec = trial.method
     try:
         table = build_table(spec, fields=data.fields, dim=cfg.dim,
-                            budget=None if _is_reference(spec) else Ratio(trial.ratio))
+                            budget=None if _is_reference(spec) else Ratio(trial.ratio), **trial.table_hparams())
     except BudgetError as e:
         return "unreachable", metrics, str(e)
     model = build_model(trial.model, table=table, num_dense=data.num_dense)
-    result = Trainer(model, data, trial.train_config(cfg)).fit()
+    result = Trainer(model, data, trial.train_config(cfg), on_eval=on_eval).fit()
     serving = table.serving_bytes()
     ids = torch.from_numpy(data.test.sparse[:16384].astype("int64"))
     flops = getattr(table, "flops_per_lookup", None)
@@ -275,15 +296,45 @@ class BenchOutcome:
     failed: list[str] = field(default_factory=list)
 
 
+def execute_trial(trial: Trial, cfg: BenchConfig, data: CTRDataset) -> tuple[str, dict[str, Any], str | None]:
+    """:func:`run_trial` with its failure caught: ``(status, metrics, reason)``, status ok, unreachable or
+    failed (the error and a short traceback), plus ``wall_seconds`` and the ``host`` that ran it."""
+    t0 = time.perf_counter()
+    try:
+        status, metrics, reason = run_trial(trial, cfg, data)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # record and go on: one broken method must not sink the grid
+        status, metrics = "failed", {**_data_metrics(data), "traceback": traceback.format_exc(limit=5)}
+        reason = f"{type(e).__name__}: {e}"
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    metrics["host"] = socket.gethostname()
+    return status, metrics, reason
+
+
+Executor = Callable[[Sequence[tuple[Trial, dict[str, Any]]], BenchConfig, CTRDataset],
+                    Iterator[tuple[Trial, dict[str, Any], str, dict[str, Any], str | None]]]
+"""Runs a dataset's pending trials and yields ``(trial, config, status, metrics, reason)`` as each ends,
+in any order; the driver alone writes the records."""
+
+
+def serial_executor(todo: Sequence[tuple[Trial, dict[str, Any]]], cfg: BenchConfig, data: CTRDataset):
+    """The trials one after another in this process."""
+    for t, config in todo:
+        yield (t, config, *execute_trial(t, cfg, data))
+
+
 def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDataset],
-              log: Callable[[str], None] = print) -> BenchOutcome:
+              log: Callable[[str], None] = print, executor: Executor | None = None) -> BenchOutcome:
     """Run every trial of ``cfg`` not yet recorded in ``out/results.jsonl``, appending records.
 
     A trial is skipped only when a record with its whole configuration (:func:`trial_config`,
     data fingerprint included) is already there. ``load`` maps a dataset spec to a
     :class:`CTRDataset` (called once per dataset, also on resume: the fingerprint comes from the
     data). A trial that raises is recorded as ``status="failed"`` with the error and retried on the
-    next run.
+    next run. ``executor`` runs the pending trials (default :func:`serial_executor`; see
+    :func:`embpress.bench.ray_executor.ray_executor`); which one ran a trial is not part of its
+    identity, and this process alone appends the records, in the order the trials end.
 
     Raises:
         ValueError: ``out`` is a file or holds records of another kind, or damaged records (file:line).
@@ -294,6 +345,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
     # such trials are rebuilt on resume, and recorded again only if the verdict changed.
     unreachable = {r["trial"]: r["reason"] for r in records if r["status"] == "unreachable"}
     outcome = BenchOutcome()
+    executor = executor or serial_executor
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     by_dataset: dict[str, list[Trial]] = {}
@@ -302,6 +354,10 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
     for ds, ds_trials in by_dataset.items():
         data = load(ds)
         fp = dataset_fingerprint(data)
+        if cfg.tune:
+            from embpress.bench.tune import tuned_trials
+
+            ds_trials = tuned_trials(ds_trials, cfg, data, fp, Path(out), log=log)
         todo = []
         for t in ds_trials:
             config = trial_config(t, cfg, fp)
@@ -312,30 +368,27 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, load: Callable[[str], CTRDat
         if not todo:
             continue
         log(data.summary())
-        for i, (t, config) in enumerate(todo, 1):
-            t0 = time.perf_counter()
-            try:
-                status, metrics, reason = run_trial(t, cfg, data)
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as e:  # record and go on: one broken method must not sink the grid
-                status, metrics = "failed", {**_data_metrics(data), "traceback": traceback.format_exc(limit=5)}
-                reason = f"{type(e).__name__}: {e}"
-                outcome.failed.append(f"{t.label(data.name)}: {reason}")
-            metrics["wall_seconds"] = time.perf_counter() - t0
-            if status == "unreachable" and unreachable.get(trial_id(config)) == reason:
-                outcome.skipped += 1
-                continue
-            rec = make_record("ctr", config, status=status, metrics=metrics, reason=reason)
-            append_record(path, rec)
-            outcome.records.append(rec)
-            outcome.ran += 1
-            if status == "ok":
-                log(f"[{i}/{len(todo)}] {t.label(data.name)}: AUC {metrics['auc']:.4f}, "
-                    f"{metrics['serving_bytes']:,} B ({metrics['achieved_ratio']:.1f}x), "
-                    f"{metrics['train_samples_per_s']:,.0f} samples/s, {metrics['wall_seconds']:.1f} s")
-            else:
-                log(f"[{i}/{len(todo)}] {t.label(data.name)}: {status}: {str(reason).splitlines()[0]}")
+        # the serial trainer shows its own bars (rich allows one live display at a time); a parallel
+        # executor's workers show none, so the grid gets one bar
+        grid_bar = cfg.progress and executor is not serial_executor
+        with progress_task(f"{data.name}: trials", len(todo), enabled=grid_bar) as advance:
+            for i, (t, config, status, metrics, reason) in enumerate(executor(todo, cfg, data), 1):
+                advance(1)
+                if status == "failed":
+                    outcome.failed.append(f"{t.label(data.name)}: {reason}")
+                if status == "unreachable" and unreachable.get(trial_id(config)) == reason:
+                    outcome.skipped += 1
+                    continue
+                rec = make_record("ctr", config, status=status, metrics=metrics, reason=reason)
+                append_record(path, rec)
+                outcome.records.append(rec)
+                outcome.ran += 1
+                if status == "ok":
+                    log(f"[{i}/{len(todo)}] {t.label(data.name)}: AUC {metrics['auc']:.4f}, "
+                        f"{metrics['serving_bytes']:,} B ({metrics['achieved_ratio']:.1f}x), "
+                        f"{metrics['train_samples_per_s']:,.0f} samples/s, {metrics['wall_seconds']:.1f} s")
+                else:
+                    log(f"[{i}/{len(todo)}] {t.label(data.name)}: {status}: {str(reason).splitlines()[0]}")
     return outcome
 
 

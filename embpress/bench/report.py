@@ -73,8 +73,24 @@ class Row:
         return self.method in ("full", "noid")
 
     @property
+    def tuned(self) -> bool:
+        return "tune" in self.config
+
+    @property
     def section(self) -> str:
-        return settings_key(without(self.config, SECTION_IGNORE))
+        return settings_key(without(untuned(self.config), SECTION_IGNORE))
+
+
+def untuned(config: dict[str, Any]) -> dict[str, Any]:
+    """A tuned trial's configuration with the grid's learning rates in place of the chosen ones and no
+    search settings: the section it is compared in is the one of its grid's default rows."""
+    if "tune" not in config:
+        return config
+    base = config["tune"]["base_lr"]
+    out = {k: v for k, v in config.items() if k != "tune"}
+    out["lr"] = base
+    out["train"] = {**config["train"], "sparse_lr": base}
+    return out
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -148,9 +164,13 @@ def _row_labels(rs: Sequence[Row]) -> dict[int, str]:
         by[(r.method, r.ratio)].append(r)
     out = {}
     for group in by.values():
-        differ = varying([r.config for r in group]) if len(group) > 1 else []
+        plain = [r for r in group if not r.tuned]
+        differ = varying([r.config for r in plain]) if len(plain) > 1 else []
         for r in group:
-            out[id(r)] = r.method + (f" ({label(r.config, differ)})" if differ else "")
+            if r.tuned:  # the chosen values are listed under the table
+                out[id(r)] = f"{r.method} (tuned)"
+            else:
+                out[id(r)] = r.method + (f" ({label(r.config, differ)})" if differ else "")
     return out
 
 
@@ -292,6 +312,17 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
                            "ΔAUC vs full", "train samples/s", "infer lookups/s", "MFLOP/lookup", "stage times (s)",
                            "seeds", "Pareto"], "lrrrrrrrrrrrlrl", table)
         lines.append("")
+        tuned = [r for r in ordered if r.tuned and r.status == "ok"]
+        if tuned:
+            lines += ["Tuned rows (`embpress bench --tune`): the values a search chose on validation AUC "
+                      "(never test AUC), then used for every seed:", ""]
+            for r in tuned:
+                t = r.config["tune"]
+                chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in sorted(t["chosen"].items()))
+                lines.append(f"- {r.method} at {r.ratio:g}x: {chosen} ({t['trials']} trials, "
+                             f"{t['scheduler']['name'].upper()}, seed {t['search_seed']})")
+            lines.append("")
         rec = recommend(rs)
         if rec:
             lines += ["### Which method at which budget", "",

@@ -347,6 +347,9 @@ class CompressedTable(nn.Module):
     or ``"reference"`` (``full``, ``noid``). Every registered table sets it."""
     reference: ClassVar[bool] = False
     """True for reference points (``full``, ``noid``) that have one fixed size whatever the budget."""
+    tune_space: ClassVar[dict[str, tuple]] = {}
+    """Hyper-parameters ``embpress bench --tune`` searches besides the learning rates, each as
+    ``("choice", v1, v2, ...)``, ``("uniform", lo, hi)`` or ``("loguniform", lo, hi)``; empty: none."""
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None) -> None:
         super().__init__()

@@ -112,6 +112,8 @@ class MDETable(CompressedTable):
     torch.Size([1, 2, 8])
     """
 
+    tune_space = {"blocks_per_field": ("choice", 1, 2, 4)}
+
     family = "intra"
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, blocks_per_field: int = 1,

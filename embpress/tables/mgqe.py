@@ -128,6 +128,8 @@ class MGQETable(CompressedTable):
     torch.Size([2, 1, 16])
     """
 
+    tune_space = {"top_percent": ("uniform", 0.05, 0.3), "commitment": ("uniform", 0.0, 0.5)}
+
     family = "inter"
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, parts: int | None = None,

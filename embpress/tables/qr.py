@@ -233,6 +233,8 @@ class QRTable(CompressedTable):
     [(10, 10, 102)]
     """
 
+    tune_space = {"operation": ("choice", "mult", "add", "concat")}
+
     family = "inter"
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None,

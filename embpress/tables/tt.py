@@ -165,6 +165,8 @@ class TTTable(CompressedTable):
     torch.Size([1, 2, 8])
     """
 
+    tune_space = {"init": ("choice", "sampled_gaussian", "gaussian"), "num_cores": ("choice", 2, 3)}
+
     family = "inter"
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, max_rank: int = 64,

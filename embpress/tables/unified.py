@@ -59,6 +59,8 @@ class UnifiedTable(CompressedTable):
     (2, 120, True)
     """
 
+    tune_space = {"chunks": ("choice", 1, 2, 4)}
+
     family = "inter"
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None,
