@@ -56,8 +56,13 @@ def build(spec: str, opts: dict, seed: int):
             if not hasattr(codec, k):
                 raise SystemExit(f"--opt {k}: {type(codec).__name__} has no such parameter")
             cur = getattr(codec, k)
-            setattr(codec, k, type(cur)(v) if cur is not None and not isinstance(cur, bool) else
-                    (v.lower() in ("1", "true", "yes") if isinstance(cur, bool) else v))
+            if isinstance(cur, bool):
+                val = v.lower() in ("1", "true", "yes")
+            elif cur is None:  # an optional number (rotation_lr)
+                val = None if v.lower() == "none" else float(v)
+            else:
+                val = type(cur)(v)
+            setattr(codec, k, val)
     return codec
 
 
