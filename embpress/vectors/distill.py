@@ -338,6 +338,8 @@ class _DistillTrainer:
         return 2 * ip - (qr * qr).sum(1, keepdim=True) - (xq * xq).sum(1)[None]
 
     def _candidates(self, must: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.n_random >= n:  # the whole (training) corpus: the exact listwise loss, nothing sampled
+            return np.arange(n)
         extra = rng.integers(0, n, self.n_random) if self.n_random else np.zeros(0, np.int64)
         return np.unique(np.concatenate([must.ravel(), extra]))
 
@@ -422,7 +424,8 @@ class DistilledPQ(_DistillTrainer, ProductQuantizer):
         batch_size: queries (or labelled pairs) per step.
         n_top: float top documents of each query among the candidates (contrastive: the hard
             negatives under the current codes).
-        n_random: documents sampled per step and added to every query's candidates.
+        n_random: documents sampled per step and added to every query's candidates (at least the
+            number of training documents: every document is a candidate, nothing is sampled).
         n_code_top: each query's top documents under the current codes (refreshed every epoch), also
             added to the candidates (distill only; 0: none): the documents the codes rank too high.
         temperature: both score softmaxes divide the similarities by it.

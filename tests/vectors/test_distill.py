@@ -140,6 +140,10 @@ def test_code_negatives_and_linear_schedule(data):
                     val_size=50).fit(x)
     assert c.loss_history_[-1] < c.loss_history_[0], c.loss_history_
     assert c.val_recall_history_.max() > c.val_recall_history_[0], c.val_recall_history_
+    full = DistilledPQ(m=4, nbits=4, epochs=1, lr=3e-3, n_random=10**6, batch_size=256, val_size=50)
+    assert len(full._candidates(np.array([3]), np.random.default_rng(0), len(x))) == len(x)  # every document
+    full.fit(x)
+    assert full.val_recall_history_[1] > full.val_recall_history_[0], full.val_recall_history_
     f = c._lr_factor(100)
     assert [round(f(s), 3) for s in (0, 9, 10, 55, 99)] == [0.1, 1.0, 1.0, 0.5, 0.011]
     with pytest.raises(ValueError, match="schedule must be one of"):
