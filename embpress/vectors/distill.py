@@ -58,6 +58,21 @@ _VAL_K = 10
 _BLOCK = 4096
 
 
+def _polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor of a square ``a`` near an orthogonal matrix (the rotation after a
+    step): Newton-Schulz iterations ``X <- X (3I - X^T X) / 2``, which converge quadratically there
+    (LAPACK's SVD can fail to converge on such matrices, whose singular values are all about 1);
+    numpy's SVD when they do not converge."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    x = a
+    for _ in range(20):
+        x = 0.5 * x @ (3 * eye - x.T @ x)
+        if float((x.T @ x - eye).abs().max()) < 1e-5:
+            return x
+    u, _, vh = np.linalg.svd(a.numpy().astype(np.float64))
+    return torch.from_numpy((u @ vh).astype(np.float32))
+
+
 class _DistillTrainer:
     """Mixin: the torch training of a fitted FAISS PQ/OPQ (see the module docstring)."""
 
@@ -269,8 +284,7 @@ class _DistillTrainer:
                 sched.step()
                 if rot is not None and rot.requires_grad:
                     with torch.no_grad():  # back to the nearest orthogonal matrix (polar factor)
-                        u, _, vh = torch.linalg.svd(rot)
-                        rot.copy_(u @ vh)
+                        rot.copy_(_polar(rot))
                 total += float(loss.detach()) * len(batch)
                 count += len(batch)
             history.append(total / max(count, 1))
