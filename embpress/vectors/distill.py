@@ -469,7 +469,7 @@ class DistilledPQ(_DistillTrainer, ProductQuantizer):
 
     _name = "dvq"
 
-    def __init__(self, *, m: int, nbits: int = 8, loss: str = "distill", epochs: int = 6, batch_size: int = 64,
+    def __init__(self, *, m: int, nbits: int = 8, loss: str = "distill", epochs: int = 8, batch_size: int = 64,
                  n_top: int = 32, n_random: int = 256, n_code_top: int = 0, temperature: float = 0.05,
                  lr: float = 3e-4, schedule: str = "linear", pseudo: str = "corpus", noise: float = 1.0,
                  metric: str = "ip", max_train: int = 100_000, max_queries: int = 20_000, val_size: int = 500,
@@ -511,7 +511,7 @@ class DistilledOPQ(_DistillTrainer, OptimizedProductQuantizer):
     _name = "dopq"
 
     def __init__(self, *, m: int, nbits: int = 8, niter: int = 50, train_rotation: bool = False,
-                 rotation_lr: float | None = None, loss: str = "distill", epochs: int = 6, batch_size: int = 64,
+                 rotation_lr: float | None = None, loss: str = "distill", epochs: int = 8, batch_size: int = 64,
                  n_top: int = 32, n_random: int = 256, n_code_top: int = 0, temperature: float = 0.05,
                  lr: float = 3e-4, schedule: str = "linear", pseudo: str = "corpus", noise: float = 1.0,
                  metric: str = "ip", max_train: int = 100_000, max_queries: int = 20_000, val_size: int = 500,
