@@ -28,6 +28,9 @@ A tenth of the queries (at most ``val_size``) is held out; the epoch kept (the F
 included) is the one whose codes best recall their float 10-NN (labelled mode: their judged
 documents in the top 10).
 
+Learned IVF: :func:`distill_coarse_centroids` trains IVF coarse centroids with Distill-VQ's IVF
+loss (each candidate scores the query by its list's centroid; ``Index(..., coarse_epochs=)``).
+
 After training the codes are still FAISS's: nearest centroid in the (rotated) space, the same bit
 layout, and the same lookup-table scan as ``pq``/``opq`` (the classes subclass them and change
 nothing of encoding or scoring).
