@@ -8,7 +8,9 @@ exact float top-10 and nDCG@10 against the test qrels; scan q/s is 300 queries o
 codec's ``search_lists`` (the same lookup-table kernel for pq, opq, dvq and dopq), nq / process CPU
 seconds, best of 5, on a shared machine (noisy).
 
-Training modes (``--queries``): ``none`` (pseudo-queries from the corpus, no labels), ``train``
+Training modes (``--queries``): ``none`` (pseudo-queries from the corpus vectors, no labels),
+``sentences`` (one sentence drawn from each document's text, encoded: ICT-style pseudo-queries, no
+labels; see :func:`corpus_sentences`), ``train``
 (the training queries' float scores distilled, no labels), ``labels`` (the training queries with
 the train qrels; the learned codecs take ``loss`` from their spec options).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -34,6 +37,21 @@ from embpress.vectors.evaluate import beir_metrics, exact_knn, recall_at_k
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "scifact"
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
+
+
+def corpus_sentences(texts: list[str], seed: int) -> list[str]:
+    """One sentence drawn from each document (6 to 60 words when it has one): label-free pseudo-queries
+    in the manner of the Inverse Cloze Task (Lee et al., ACL 2019, arXiv 1906.00300), short like queries."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for text in texts:
+        sents = [s for s in _SENTENCE_END.split(text) if s.strip()]
+        good = [s for s in sents if 6 <= len(s.split()) <= 60] or sents or [text]
+        out.append(good[int(rng.integers(len(good)))])
+    return out
+
+
 def load(data: Path, threads: int) -> dict:
     """Corpus, test and train query vectors (cached), the qrels and the train pairs (query row, doc row)."""
     test = load_beir(data, split="test")
@@ -45,7 +63,7 @@ def load(data: Path, threads: int) -> dict:
     row = {d: i for i, d in enumerate(test.corpus_ids)}
     pairs = np.array([(qi, row[d]) for qi, q in enumerate(train.query_ids) for d in train.qrels[q]], np.int64)
     overlap = set(test.query_ids) & set(train.query_ids)
-    return {"xb": xb, "xq": xq, "xt": xt, "pairs": pairs, "test": test, "overlap": len(overlap)}
+    return {"xb": xb, "xq": xq, "xt": xt, "pairs": pairs, "test": test, "overlap": len(overlap), "model": model}
 
 
 def build(spec: str, opts: dict, seed: int):
@@ -56,8 +74,13 @@ def build(spec: str, opts: dict, seed: int):
             if not hasattr(codec, k):
                 raise SystemExit(f"--opt {k}: {type(codec).__name__} has no such parameter")
             cur = getattr(codec, k)
-            setattr(codec, k, type(cur)(v) if cur is not None and not isinstance(cur, bool) else
-                    (v.lower() in ("1", "true", "yes") if isinstance(cur, bool) else v))
+            if isinstance(cur, bool):
+                val = v.lower() in ("1", "true", "yes")
+            elif cur is None:  # an optional number (rotation_lr)
+                val = None if v.lower() == "none" else float(v)
+            else:
+                val = type(cur)(v)
+            setattr(codec, k, val)
     return codec
 
 
@@ -65,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--specs", default="pq32,opq32,dopq32,pq48,opq48,dopq48,pq96,opq96,dopq96")
-    ap.add_argument("--queries", choices=("none", "train", "labels"), default="none")
+    ap.add_argument("--queries", choices=("none", "sentences", "train", "labels"), default="none")
     ap.add_argument("--opt", action="append", default=[], help="name=value set on the learned codecs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -81,6 +104,10 @@ def main() -> None:
     opts = dict(o.split("=", 1) for o in args.opt)
     d = load(args.data, args.threads)
     xb, xq, test = d["xb"], d["xq"], d["test"]
+    train_q = {"none": None, "train": d["xt"], "labels": d["xt"]}.get(args.queries)
+    if args.queries == "sentences":  # one corpus sentence per document, encoded (and cached) once
+        train_q = encode_texts(corpus_sentences(test.corpus_texts, args.seed), model=d["model"],
+                               num_threads=args.threads, progress=False)
     gt = exact_knn(xb, xq, 10, "ip").ids
     print(f"scifact: N={len(xb)} d={xb.shape[1]} test queries={len(xq)} train queries={len(d['xt'])} "
           f"train pairs={len(d['pairs'])} (test/train query overlap {d['overlap']}); queries={args.queries} "
@@ -113,7 +140,7 @@ def main() -> None:
             init = start(spec[1:] if spec.startswith("dopq") else "pq" + spec[3:]) if learned else None
             t = time.perf_counter()
             if learned:
-                codec.fit(xb, queries=None if args.queries == "none" else d["xt"],
+                codec.fit(xb, queries=train_q,
                           positives=d["pairs"] if args.queries == "labels" else None, init=init)
             else:
                 codec.fit(xb)

@@ -28,6 +28,9 @@ A tenth of the queries (at most ``val_size``) is held out; the epoch kept (the F
 included) is the one whose codes best recall their float 10-NN (labelled mode: their judged
 documents in the top 10).
 
+Learned IVF: :func:`distill_coarse_centroids` trains IVF coarse centroids with Distill-VQ's IVF
+loss (each candidate scores the query by its list's centroid; ``Index(..., coarse_epochs=)``).
+
 After training the codes are still FAISS's: nearest centroid in the (rotated) space, the same bit
 layout, and the same lookup-table scan as ``pq``/``opq`` (the classes subclass them and change
 nothing of encoding or scoring).
@@ -36,7 +39,7 @@ nothing of encoding or scoring).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -51,9 +54,26 @@ log = logging.getLogger(__name__)
 
 _LOSSES = ("distill", "contrastive")
 _PSEUDO = ("corpus", "noisy")
+_SCHEDULES = ("constant", "linear")
+_WARMUP = 0.1  # share of the steps warming up under schedule="linear" (LibVQ's warmup_steps_ratio)
 _METRICS = ("ip", "l2")
 _VAL_K = 10
 _BLOCK = 4096
+
+
+def _polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor of a square ``a`` near an orthogonal matrix (the rotation after a
+    step): Newton-Schulz iterations ``X <- X (3I - X^T X) / 2``, which converge quadratically there
+    (LAPACK's SVD can fail to converge on such matrices, whose singular values are all about 1);
+    numpy's SVD when they do not converge."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    x = a
+    for _ in range(20):
+        x = 0.5 * x @ (3 * eye - x.T @ x)
+        if float((x.T @ x - eye).abs().max()) < 1e-5:
+            return x
+    u, _, vh = np.linalg.svd(a.numpy().astype(np.float64))
+    return torch.from_numpy((u @ vh).astype(np.float32))
 
 
 class _DistillTrainer:
@@ -67,8 +87,10 @@ class _DistillTrainer:
     batch_size: int
     n_top: int
     n_random: int
+    n_code_top: int
     temperature: float
     lr: float
+    schedule: str
     pseudo: str
     noise: float
     metric: str
@@ -86,10 +108,12 @@ class _DistillTrainer:
             raise ValueError(f"{name}: loss must be one of {_LOSSES}, got {self.loss!r}")
         if self.pseudo not in _PSEUDO:
             raise ValueError(f"{name}: pseudo must be one of {_PSEUDO}, got {self.pseudo!r}")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"{name}: schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
         if self.metric not in _METRICS:
             raise ValueError(f"{name}: metric must be one of {_METRICS} (cosine: 'ip' on normalised "
                              f"vectors), got {self.metric!r}")
-        for key in ("epochs", "val_size", "n_top", "n_random"):
+        for key in ("epochs", "val_size", "n_top", "n_random", "n_code_top"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: {key} must be a non-negative int, got {v!r}")
@@ -222,7 +246,11 @@ class _DistillTrainer:
         with torch.no_grad():
             d0 = self._sub_distances(self._rot(xt[:_BLOCK], rot), cb)
             self.assign_temperature_ = float(d0.min(-1).values.mean().clamp_min(1e-12))
-        opt = torch.optim.Adam(params, lr=self.lr)
+        groups = [{"params": [cb], "lr": self.lr}]
+        if rot is not None and rot.requires_grad:
+            rot_lr = getattr(self, "rotation_lr", None)
+            groups.append({"params": [rot], "lr": self.lr if rot_lr is None else rot_lr})
+        opt = torch.optim.Adam(groups)
         val = (qt[val_q], top[val_q, :_VAL_K]) if n_val else None
         if val is not None and self.loss == "contrastive":
             # labelled mode: the held-out queries' judged documents are the truth, not the float 10-NN
@@ -236,10 +264,15 @@ class _DistillTrainer:
         history, val_history = [], [best_state[0]]
         log.info("%s start: held-out recall@%d %.4f", self.spec, _VAL_K, best_state[0])  # type: ignore[attr-defined]
         units = pairs if pairs is not None and self.loss == "contrastive" else tr_q
+        steps = self.epochs * -(-len(units) // self.batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor(steps))
         hard = None
+        n_code_top = min(self.n_code_top, n)
         for epoch in range(self.epochs):
             if self.loss == "contrastive":
                 hard = self._code_top(qt, xt, cb.detach(), None if rot is None else rot.detach(), n_top)
+            elif n_code_top:  # the student's own top documents: where its ranking errs (refreshed per epoch)
+                hard = self._code_top(qt, xt, cb.detach(), None if rot is None else rot.detach(), n_code_top)
             perm = torch.randperm(len(units), generator=gen).numpy()
             total, count = 0.0, 0
             for s in range(0, len(units), self.batch_size):
@@ -247,14 +280,14 @@ class _DistillTrainer:
                 if self.loss == "contrastive":
                     loss = self._contrastive_step(batch, qt, xt, cb, rot, hard, pairs, rng)
                 else:
-                    loss = self._distill_step(batch, qt, xt, cb, rot, top[:, :n_top], self_rows, rng)
+                    loss = self._distill_step(batch, qt, xt, cb, rot, top[:, :n_top], self_rows, rng, hard)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
                 if rot is not None and rot.requires_grad:
                     with torch.no_grad():  # back to the nearest orthogonal matrix (polar factor)
-                        u, _, vh = torch.linalg.svd(rot)
-                        rot.copy_(u @ vh)
+                        rot.copy_(_polar(rot))
                 total += float(loss.detach()) * len(batch)
                 count += len(batch)
             history.append(total / max(count, 1))
@@ -272,6 +305,14 @@ class _DistillTrainer:
         self.best_epoch_ = int(best_state[1])
 
     # ------------------------------------------------------------------ pieces
+    def _lr_factor(self, steps: int):
+        """Multiplier of the learning rate at a step: 1 (``constant``), or (``linear``, LibVQ's
+        schedule) a linear warm-up over the first tenth of the steps, then a linear decay to 0."""
+        if self.schedule == "constant":
+            return lambda step: 1.0
+        warm = max(1, int(_WARMUP * steps))
+        return lambda step: (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm))
+
     def _float_top(self, q: np.ndarray, xs: np.ndarray, k: int, self_rows: np.ndarray | None) -> np.ndarray:
         """(nq, k) float top-k rows of ``xs`` for each query (its own row excluded in corpus mode)."""
         kk = min(k + (self_rows is not None), xs.shape[0])
@@ -314,11 +355,14 @@ class _DistillTrainer:
         return 2 * ip - (qr * qr).sum(1, keepdim=True) - (xq * xq).sum(1)[None]
 
     def _candidates(self, must: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.n_random >= n:  # the whole (training) corpus: the exact listwise loss, nothing sampled
+            return np.arange(n)
         extra = rng.integers(0, n, self.n_random) if self.n_random else np.zeros(0, np.int64)
         return np.unique(np.concatenate([must.ravel(), extra]))
 
-    def _distill_step(self, batch, qt, xt, cb, rot, top, self_rows, rng) -> torch.Tensor:
-        cand = self._candidates(top[batch], rng, xt.shape[0])
+    def _distill_step(self, batch, qt, xt, cb, rot, top, self_rows, rng, code_top=None) -> torch.Tensor:
+        must = top[batch] if code_top is None else np.concatenate([top[batch], code_top[batch]], 1)
+        cand = self._candidates(must, rng, xt.shape[0])
         ct = torch.from_numpy(cand)
         qb, xc = qt[batch], xt[ct]
         teacher = self._scores(qb, xc) / self.temperature  # float scores (rotation-invariant)
@@ -397,9 +441,15 @@ class DistilledPQ(_DistillTrainer, ProductQuantizer):
         batch_size: queries (or labelled pairs) per step.
         n_top: float top documents of each query among the candidates (contrastive: the hard
             negatives under the current codes).
-        n_random: documents sampled per step and added to every query's candidates.
+        n_random: documents sampled per step and added to every query's candidates (at least the
+            number of training documents: every document is a candidate, nothing is sampled).
+        n_code_top: each query's top documents under the current codes (refreshed every epoch), also
+            added to the candidates (distill only; 0: none): the documents the codes rank too high.
         temperature: both score softmaxes divide the similarities by it.
-        lr: Adam learning rate of the codebooks (and rotation).
+        lr: Adam learning rate of the codebooks (and rotation). 3e-4 with the linear schedule beat a
+            constant 1e-3 on SciFact (which peaked after one epoch, then lost recall).
+        schedule: ``"constant"`` learning rate, or ``"linear"`` (default): warm-up over the first tenth
+            of the steps, then linear decay to 0 (LibVQ's ``get_linear_schedule_with_warmup``).
         pseudo: ``"corpus"`` or ``"noisy"`` pseudo-queries when ``fit`` gets no queries.
         noise: norm of the Gaussian noise of ``"noisy"`` pseudo-queries, relative to the vector's.
         metric: ``"ip"`` (also cosine on normalised vectors) or ``"l2"``: the scores distilled.
@@ -422,13 +472,15 @@ class DistilledPQ(_DistillTrainer, ProductQuantizer):
 
     _name = "dvq"
 
-    def __init__(self, *, m: int, nbits: int = 8, loss: str = "distill", epochs: int = 6, batch_size: int = 64,
-                 n_top: int = 32, n_random: int = 256, temperature: float = 0.05, lr: float = 1e-3,
-                 pseudo: str = "corpus", noise: float = 1.0, metric: str = "ip", max_train: int = 100_000,
-                 max_queries: int = 20_000, val_size: int = 500, num_threads: int | None = None, seed: int = 0):
+    def __init__(self, *, m: int, nbits: int = 8, loss: str = "distill", epochs: int = 8, batch_size: int = 64,
+                 n_top: int = 32, n_random: int = 256, n_code_top: int = 0, temperature: float = 0.05,
+                 lr: float = 3e-4, schedule: str = "linear", pseudo: str = "corpus", noise: float = 1.0,
+                 metric: str = "ip", max_train: int = 100_000, max_queries: int = 20_000, val_size: int = 500,
+                 num_threads: int | None = None, seed: int = 0):
         super().__init__(m=m, nbits=nbits, seed=seed)
         self.loss, self.epochs, self.batch_size = loss, epochs, batch_size
         self.n_top, self.n_random, self.temperature, self.lr = n_top, n_random, temperature, lr
+        self.n_code_top, self.schedule = n_code_top, schedule
         self.pseudo, self.noise, self.metric = pseudo, noise, metric
         self.max_train, self.max_queries, self.val_size = max_train, max_queries, val_size
         self.num_threads = num_threads
@@ -452,7 +504,8 @@ class DistilledOPQ(_DistillTrainer, OptimizedProductQuantizer):
         m: sub-quantizers M (must divide D). nbits: bits per sub-code (default 8).
         niter: FAISS ``OPQMatrix`` iterations of the start.
         train_rotation: also train the rotation (default False, LibVQ's frozen rotation: trained at
-            lr 1e-3 it lost recall on SciFact, see the README).
+            lr 1e-3 it lost recall on SciFact, and at rotation_lr 1e-4 it gained nothing; see the README).
+        rotation_lr: Adam learning rate of the rotation (None: ``lr``).
         The other arguments are :class:`DistilledPQ`'s.
 
     Fitted: ``rotation_`` (D, D), ``centroids_`` and the histories as in :class:`DistilledPQ`.
@@ -461,14 +514,16 @@ class DistilledOPQ(_DistillTrainer, OptimizedProductQuantizer):
     _name = "dopq"
 
     def __init__(self, *, m: int, nbits: int = 8, niter: int = 50, train_rotation: bool = False,
-                 loss: str = "distill", epochs: int = 6, batch_size: int = 64, n_top: int = 32,
-                 n_random: int = 256, temperature: float = 0.05, lr: float = 1e-3, pseudo: str = "corpus",
-                 noise: float = 1.0, metric: str = "ip", max_train: int = 100_000, max_queries: int = 20_000,
-                 val_size: int = 500, num_threads: int | None = None, seed: int = 0):
+                 rotation_lr: float | None = None, loss: str = "distill", epochs: int = 8, batch_size: int = 64,
+                 n_top: int = 32, n_random: int = 256, n_code_top: int = 0, temperature: float = 0.05,
+                 lr: float = 3e-4, schedule: str = "linear", pseudo: str = "corpus", noise: float = 1.0,
+                 metric: str = "ip", max_train: int = 100_000, max_queries: int = 20_000, val_size: int = 500,
+                 num_threads: int | None = None, seed: int = 0):
         super().__init__(m=m, nbits=nbits, niter=niter, seed=seed)
-        self.train_rotation = train_rotation
+        self.train_rotation, self.rotation_lr = train_rotation, rotation_lr
         self.loss, self.epochs, self.batch_size = loss, epochs, batch_size
         self.n_top, self.n_random, self.temperature, self.lr = n_top, n_random, temperature, lr
+        self.n_code_top, self.schedule = n_code_top, schedule
         self.pseudo, self.noise, self.metric = pseudo, noise, metric
         self.max_train, self.max_queries, self.val_size = max_train, max_queries, val_size
         self.num_threads = num_threads
@@ -485,6 +540,147 @@ class DistilledOPQ(_DistillTrainer, OptimizedProductQuantizer):
         super()._check_params()
         if not isinstance(self.train_rotation, bool | np.bool_ | int):
             raise ValueError(f"dopq: train_rotation must be a bool, got {self.train_rotation!r}")
+        if self.rotation_lr is not None and (not isinstance(self.rotation_lr, int | float) or not self.rotation_lr > 0):
+            raise ValueError(f"dopq: rotation_lr must be None (= lr) or > 0, got {self.rotation_lr!r}")
         self._check_distill_params()
 
 
+
+
+# ---------------------------------------------------------------------- learned IVF
+class CoarseDistillation(NamedTuple):
+    """What :func:`distill_coarse_centroids` returns."""
+
+    centroids: np.ndarray  # (nlist, D) float32: the epoch kept
+    loss_history: np.ndarray  # (epochs,) mean distillation loss per epoch
+    val_history: np.ndarray  # (epochs + 1,) held-out share of the float top-10 in the probed lists
+    best_epoch: int  # 0: the k-means start kept
+
+
+def _assign_lists(x: torch.Tensor, cent: torch.Tensor, metric: str) -> torch.Tensor:
+    """(N,) list of each vector: largest inner product (ip) or nearest centroid (l2), as the index assigns."""
+    out = []
+    for s in range(0, x.shape[0], _BLOCK):
+        ip = x[s:s + _BLOCK] @ cent.T
+        out.append((ip if metric == "ip" else 2 * ip - (cent * cent).sum(1)[None]).argmax(1))
+    return torch.cat(out)
+
+
+def _probe_scores(q: torch.Tensor, cent: torch.Tensor, metric: str) -> torch.Tensor:
+    ip = q @ cent.T
+    return ip if metric == "ip" else 2 * ip - (cent * cent).sum(1)[None]
+
+
+@torch.no_grad()
+def _probed_share(q: torch.Tensor, truth: np.ndarray, lists: torch.Tensor, cent: torch.Tensor, metric: str,
+                  nprobe: int) -> float:
+    """Mean share of each query's ``truth`` rows (nq, k) whose list is among its ``nprobe`` probed lists."""
+    probes = torch.topk(_probe_scores(q, cent, metric), nprobe, dim=1).indices  # (nq, nprobe)
+    tl = lists[torch.from_numpy(truth)]  # (nq, k)
+    return float((tl[:, :, None] == probes[:, None, :]).any(-1).float().mean())
+
+
+def distill_coarse_centroids(centroids: np.ndarray, x: np.ndarray, *, queries: np.ndarray | None = None,
+                             metric: str = "ip", epochs: int = 5, batch_size: int = 64, n_top: int = 32,
+                             n_random: int = 256, temperature: float = 0.05, lr: float = 1e-3,
+                             max_queries: int = 20_000, val_size: int = 500, val_nprobe: int | None = None,
+                             seed: int = 0) -> CoarseDistillation:
+    """IVF coarse centroids trained by distillation from the float scores (Distill-VQ's IVF loss).
+
+    Each document scores a query by its list's centroid, ``<q, c_{list(d)}>`` (l2: ``-|q - c|^2``);
+    per query, the softmax of these scores over the candidates (float top-``n_top`` plus ``n_random``
+    sampled documents) is trained toward the softmax of the float scores (both at ``temperature``),
+    so the lists holding a query's float top documents rank first when probing. Lists are the nearest
+    centroid (as :class:`~embpress.vectors.index.Index` assigns), fixed within an epoch and
+    recomputed after it. Queries: ``queries`` (nq, D), else the corpus vectors themselves (each
+    masked out of its own candidates). A tenth of them (at most ``val_size``) is held out; the epoch
+    kept (the start included) is the one whose probed lists (``val_nprobe``, default nlist // 16)
+    hold the largest share of the held-out queries' float top-10.
+
+    Args:
+        centroids: (nlist, D) starting centroids (FAISS k-means). x: (N, D) corpus vectors.
+    """
+    cent0 = np.ascontiguousarray(centroids, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if cent0.ndim != 2 or x.ndim != 2 or cent0.shape[1] != x.shape[1]:
+        raise ValueError(f"distill_coarse_centroids: centroids {cent0.shape} and x {x.shape} must be 2-D with "
+                         "the same D")
+    if metric not in _METRICS:
+        raise ValueError(f"distill_coarse_centroids: metric must be one of {_METRICS}, got {metric!r}")
+    for key, v, lo in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("n_top", n_top, 1),
+                       ("n_random", n_random, 0), ("max_queries", max_queries, 1), ("val_size", val_size, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"distill_coarse_centroids: {key} must be an int >= {lo}, got {v!r}")
+    for key, v in (("temperature", temperature), ("lr", lr)):
+        if not isinstance(v, int | float) or not v > 0:
+            raise ValueError(f"distill_coarse_centroids: {key} must be > 0, got {v!r}")
+    nlist, n = cent0.shape[0], x.shape[0]
+    nprobe = max(1, nlist // 16) if val_nprobe is None else int(val_nprobe)
+    if not 1 <= nprobe <= nlist:
+        raise ValueError(f"distill_coarse_centroids: val_nprobe must be in 1..{nlist}, got {val_nprobe!r}")
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(int(seed))
+    self_rows = None
+    if queries is None:
+        pick = np.arange(n) if n <= max_queries else np.sort(rng.choice(n, max_queries, replace=False))
+        q, self_rows = x[pick], pick
+    else:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != x.shape[1]:
+            raise ValueError(f"distill_coarse_centroids: queries {q.shape} must be (nq, {x.shape[1]})")
+    nq = q.shape[0]
+    order = rng.permutation(nq)
+    n_val = min(val_size, nq // 10) if nq >= 20 else 0
+    val_q, tr_q = np.sort(order[:n_val]), np.sort(order[n_val:])
+    n_top = min(n_top, n - 1)
+    fm = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    kk = min(max(n_top, _VAL_K) + (self_rows is not None), n)
+    _, ids = faiss.knn(q, x, kk, metric=fm)
+    if self_rows is not None:  # a corpus vector is not its own neighbour
+        keep = ids != self_rows[:, None]
+        ids = np.stack([row[k][: kk - 1] if k.sum() >= kk - 1 else row[: kk - 1] for row, k in zip(ids, keep, strict=True)])
+    top = ids
+    xt, qt = torch.from_numpy(x), torch.from_numpy(q)
+    cent = torch.nn.Parameter(torch.from_numpy(cent0.copy()))
+    opt = torch.optim.Adam([cent], lr=lr)
+    lists = _assign_lists(xt, cent.detach(), metric)
+    val_q_t = qt[torch.from_numpy(val_q)]
+
+    def val_share() -> float:
+        return _probed_share(val_q_t, top[val_q, :_VAL_K], lists, cent.detach(), metric, nprobe) if n_val else float("nan")
+
+    best = (val_share(), 0, cent0.copy())
+    history, val_history = [], [best[0]]
+    for epoch in range(epochs):
+        perm = torch.randperm(len(tr_q), generator=gen).numpy()
+        total, count = 0.0, 0
+        for s in range(0, len(tr_q), batch_size):
+            batch = tr_q[perm[s:s + batch_size]]
+            extra = rng.integers(0, n, n_random) if n_random else np.zeros(0, np.int64)
+            cand = torch.from_numpy(np.unique(np.concatenate([top[batch, :n_top].ravel(), extra])))
+            qb = qt[torch.from_numpy(batch)]
+            xc = xt[cand]
+            ip = qb @ xc.T
+            teacher = (ip if metric == "ip" else 2 * ip - (xc * xc).sum(1)[None]) / temperature
+            student = _probe_scores(qb, cent, metric)[:, lists[cand]] / temperature
+            if self_rows is not None:
+                own = torch.from_numpy(self_rows[batch])[:, None] == cand[None, :]
+                teacher = teacher.masked_fill(own, float("-inf"))
+                student = student.masked_fill(own, float("-inf"))
+            logp = torch.log_softmax(student, dim=1)
+            loss = -(torch.softmax(teacher, dim=1) * logp.masked_fill(torch.isinf(logp), 0)).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(batch)
+            count += len(batch)
+        history.append(total / max(count, 1))
+        lists = _assign_lists(xt, cent.detach(), metric)  # the index stores each vector in its nearest list
+        share = val_share()
+        val_history.append(share)
+        log.info("coarse epoch %d/%d loss %.4f held-out top-10 share in %d probed lists %.4f", epoch + 1, epochs,
+                 history[-1], nprobe, share)
+        if n_val == 0 or share > best[0]:
+            best = (share, epoch + 1, cent.detach().numpy().copy())
+    return CoarseDistillation(best[2].astype(np.float32), np.asarray(history, np.float32),
+                              np.asarray(val_history, np.float32), int(best[1]))

@@ -60,6 +60,7 @@ import numpy as np
 
 from embpress.progress import progress_task
 from embpress.vectors.codec import Codec, NotFittedError, as_matrix, build_codec, codec_from_state
+from embpress.vectors.distill import distill_coarse_centroids
 from embpress.vectors.kernels import rerank_exact
 from embpress.vectors.metric import Metric, SearchResult, as_metric
 from embpress.vectors.vecio import VectorFile, append_f32, open_f32, sha256_file
@@ -132,6 +133,9 @@ class Index:
         seed: seed of the codec (:func:`build_codec`) and of the coarse k-means.
         block_size: rows encoded at once when streaming from a file (:meth:`add_file`).
         kmeans_iters: iterations of the coarse k-means (FAISS ``Kmeans``).
+        coarse_epochs: epochs of distillation of the coarse centroids after k-means (0: k-means
+            only): Distill-VQ's learned IVF, :func:`~embpress.vectors.distill.distill_coarse_centroids`
+            with the training vectors as pseudo-queries, so that the probed lists hold the float top-k.
 
     With IVF, a vector is stored in the list of its nearest coarse centroid (largest inner product
     under ip/cosine, smallest distance under l2). Under ip/cosine, codecs whose distance is an
@@ -157,7 +161,7 @@ class Index:
 
     def __init__(self, codec: str | Codec, *, metric: str | Metric = "ip", nlist: int | None = None,
                  nprobe: int = 1, rerank_path: str | os.PathLike | None = None, seed: int = 0,
-                 block_size: int = 1 << 16, kmeans_iters: int = 20):
+                 block_size: int = 1 << 16, kmeans_iters: int = 20, coarse_epochs: int = 0):
         self.codec = codec
         self.metric = metric
         self.nlist = nlist
@@ -166,6 +170,7 @@ class Index:
         self.seed = seed
         self.block_size = block_size
         self.kmeans_iters = kmeans_iters
+        self.coarse_epochs = coarse_epochs
         self.metric_ = as_metric(metric)  # validate at the boundary: unknown metric fails here
         spec_nlist = None
         if isinstance(codec, Codec):
@@ -191,6 +196,11 @@ class Index:
         for name, v in (("block_size", block_size), ("kmeans_iters", kmeans_iters)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(coarse_epochs, bool) or not isinstance(coarse_epochs, int) or coarse_epochs < 0:
+            raise ValueError(f"coarse_epochs must be a non-negative int, got {coarse_epochs!r}")
+        if coarse_epochs and not self.nlist_:
+            raise ValueError(f"coarse_epochs={coarse_epochs} trains IVF centroids, but this index is flat "
+                             f"({self.codec!r}); give nlist or an 'ivf{{nlist}},...' spec")
         self.residual_ = bool(self.nlist_ and self.codec_.residual_ok and self.metric_ is not Metric.L2)
         self.centroids_: np.ndarray | None = None
         self._quantizer = None
@@ -325,6 +335,11 @@ class Index:
                               max_points_per_centroid=256)
             km.train(x)
             self.centroids_ = np.ascontiguousarray(km.centroids, dtype=np.float32)
+            if self.coarse_epochs:
+                fit = distill_coarse_centroids(self.centroids_, x, epochs=self.coarse_epochs,
+                                               metric="l2" if self.metric_ is Metric.L2 else "ip", seed=self.seed)
+                self.centroids_ = fit.centroids
+                self.coarse_history_ = fit
             self._quantizer = None
             if self.residual_:
                 x = x - self.centroids_[self._assign(x)]

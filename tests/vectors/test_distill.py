@@ -10,12 +10,14 @@ import torch
 from embpress.vectors import (
     DistilledOPQ,
     DistilledPQ,
+    Index,
     OptimizedProductQuantizer,
     ProductQuantizer,
     build_codec,
     code_size,
     codec_from_state,
 )
+from embpress.vectors.distill import distill_coarse_centroids
 from embpress.vectors.evaluate import exact_knn, recall_at_k
 
 D = 16
@@ -128,3 +130,46 @@ def test_bad_input(data):
     with pytest.raises(ValueError, match="pseudo must be"):
         DistilledOPQ(m=4, pseudo="held").fit(x)
 
+
+
+def test_code_negatives_and_linear_schedule(data):
+    """The codes' own top documents as candidates and the warm-up/decay schedule still learn; the
+    schedule warms up over the first tenth of the steps, then decays to 0."""
+    x, q = data
+    c = DistilledPQ(m=4, nbits=4, epochs=3, lr=3e-3, n_random=32, n_code_top=16, schedule="linear",
+                    val_size=50).fit(x)
+    assert c.loss_history_[-1] < c.loss_history_[0], c.loss_history_
+    assert c.val_recall_history_.max() > c.val_recall_history_[0], c.val_recall_history_
+    full = DistilledPQ(m=4, nbits=4, epochs=1, lr=3e-3, n_random=10**6, batch_size=256, val_size=50)
+    assert len(full._candidates(np.array([3]), np.random.default_rng(0), len(x))) == len(x)  # every document
+    full.fit(x)
+    assert full.val_recall_history_[1] > full.val_recall_history_[0], full.val_recall_history_
+    f = c._lr_factor(100)
+    assert [round(f(s), 3) for s in (0, 9, 10, 55, 99)] == [0.1, 1.0, 1.0, 0.5, 0.011]
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        DistilledPQ(m=4, nbits=4, schedule="cosine").fit(x)
+    with pytest.raises(ValueError, match="n_code_top must be"):
+        DistilledPQ(m=4, nbits=4, n_code_top=-1).fit(x)
+    with pytest.raises(ValueError, match="rotation_lr must be"):
+        DistilledOPQ(m=4, nbits=4, rotation_lr=0.0).fit(x)
+
+
+def test_coarse_distillation_moves_centroids_and_fills_probed_lists(make_clustered):
+    """Distilled IVF centroids move and put more of the held-out queries' float top-10 in the probed
+    lists than k-means does; the Index uses them and still finds the exact neighbours at full nprobe."""
+    x = make_clustered(2000, D, seed=3, clusters=30, latent=10)
+    km = faiss.Kmeans(D, 32, niter=10, seed=1234)  # held-out share of the float top-10 in 1 list: 0.84
+    km.train(x)
+    fit = distill_coarse_centroids(km.centroids, x, epochs=4, lr=1e-2, n_random=64, val_size=200, val_nprobe=1)
+    assert fit.val_history.shape == (5,) and fit.loss_history[-1] < fit.loss_history[0], fit.loss_history
+    assert fit.best_epoch >= 1 and fit.val_history.max() > fit.val_history[0] + 0.01, fit.val_history
+    assert np.abs(fit.centroids - km.centroids).max() > 1e-3
+    idx = Index("ivf32,sq8", metric="ip", coarse_epochs=2).fit(x)
+    idx.add(x)
+    assert idx.coarse_history_.val_history.shape == (3,)
+    hit = idx.search(x[:50], 10, nprobe=32).ids
+    assert recall_at_k(hit, exact_knn(x, x[:50], 10).ids, 10) > 0.9
+    with pytest.raises(ValueError, match="coarse_epochs=2 trains IVF centroids"):
+        Index("sq8", coarse_epochs=2)
+    with pytest.raises(ValueError, match="centroids .* and x .* must be 2-D"):
+        distill_coarse_centroids(km.centroids[:, :8], x)
