@@ -50,12 +50,16 @@ def _qps(r: dict[str, Any], field: str) -> Any:
     return r.get(f"{field}_cpu", r.get(field))
 
 
+def _is_multivector(r: dict[str, Any]) -> bool:
+    return r["config"].get("eval") == "multivector"
+
+
 def _groups(records: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """Records grouped by their whole configuration less the codec, each group titled by its data set
     and the settings that set it apart from the other groups of that data set. Rows are flat
     dicts (config, metrics and provenance on one level), sorted by bytes per vector.
     """
-    latest, _ = latest_per_trial(r for r in records if r["status"] == "ok")
+    latest, _ = latest_per_trial(r for r in records if r["status"] == "ok" and not _is_multivector(r))
     groups = list(group_by_settings(latest, ignore=CODEC_KEYS).values())
     configs = [without(g[0]["config"], CODEC_KEYS) for g in groups]
     out = []
@@ -91,7 +95,15 @@ def _faiss_notes(rs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(records: Sequence[dict[str, Any]]) -> str:
-    """The report text: one table per configuration less the codec, rows sorted by bytes per vector."""
+    """The report text: one table per configuration less the codec, rows sorted by bytes per vector; then the
+    multi-vector evaluations (:mod:`embpress.bench.multivector`), one table each."""
+    from embpress.bench.multivector import render_multivector_markdown
+
+    multi = [r for r in records if _is_multivector(r)]
+    records = [r for r in records if not _is_multivector(r)]
+    if multi and not records:
+        return "\n".join([*set_aside_note(latest_per_trial(multi)[1]), *render_multivector_markdown(multi)])
+    tail = render_multivector_markdown(multi) if multi else []
     lines = ["# Retrieval vectors: quality vs bytes per vector", "", RECALL_NOTE,
              "`+rr` columns re-rank the top k×oversample candidates exactly from float32 originals on disk. "
              "bytes/vec counts every in-memory per-vector byte (code with its norms or scales, attributes; "
@@ -146,7 +158,7 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
         if prov:
             lines += ["", "Produced by " + ", ".join(f"{k}={v}" for k, v in sorted(prov.items()) if v) + "."]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, *tail])
 
 
 def render_pareto_png(records: Sequence[dict[str, Any]]) -> bytes:
@@ -156,13 +168,20 @@ def render_pareto_png(records: Sequence[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from embpress.bench.multivector import draw_multivector_panel, mv_groups
+
     panels = []
+    for title, rs in mv_groups([r for r in records if _is_multivector(r)]):
+        panels.append((title, rs, "multivector", ""))
     for title, rs in _groups(records):
         panels.append((title, rs, "recall_at_k", f"recall@{rs[0]['k']}"))
         if any("ndcg_at_10" in r for r in rs):
             panels.append((title, rs, "ndcg_at_10", "nDCG@10"))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 5), squeeze=False)
     for ax, (title, rs, field, ylabel) in zip(axes[0], panels, strict=False):
+        if field == "multivector":
+            draw_multivector_panel(ax, title, rs)
+            continue
         for suffix, style, name in (("", "o", "codes"), ("_rerank", "^", "codes + re-rank"),
                                     ("faiss", "x", "FAISS")):
             f = f"faiss_{field}" if suffix == "faiss" else field + suffix
