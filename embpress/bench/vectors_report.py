@@ -28,7 +28,8 @@ CODEC_KEYS = ("codec", "codec_params")
 """A table of the report shares every setting but the codec: one row per codec."""
 
 RECALL_NOTE = ("recall@k is the mean over queries of |returned top-k ∩ exact top-k| / k, against exact "
-               "float32 search of the same metric (FAISS brute force).")
+               "float32 search of the same metric (FAISS brute force). With qrels, nDCG@10, R@100 and qrels R@k are "
+               "against the judgements.")
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -134,7 +135,8 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
                 f"FAISS recall@{k}", "q/s", "q/s +rr", "FAISS q/s", "FAISS q/s +rr", "encode vec/s", "FAISS index",
                 "Pareto"]
         if qrels:
-            cols[7:7] = ["nDCG@10", "nDCG@10 +rr", "% float", "% float +rr", "FAISS nDCG@10", "R@100", "R@100 +rr"]
+            cols[7:7] = ["nDCG@10", "nDCG@10 +rr", "% float", "% float +rr", "FAISS nDCG@10", "R@100", "R@100 +rr",
+                         f"qrels R@{k}", f"qrels R@{k} +rr"]
         ref_ndcg = ref.get("ndcg_at_10") if ref else None
         table = []
         for i, r in enumerate(rs):
@@ -148,7 +150,8 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
                     return f"{100 * v / ref:.1f}" if (v is not None and ref) else "–"
                 row[7:7] = [_fmt(r.get("ndcg_at_10")), _fmt(r.get("ndcg_at_10_rerank")), pct(r.get("ndcg_at_10")),
                             pct(r.get("ndcg_at_10_rerank")), _fmt(r.get("faiss_ndcg_at_10")),
-                            _fmt(r.get("recall_at_100")), _fmt(r.get("recall_at_100_rerank"))]
+                            _fmt(r.get("recall_at_100")), _fmt(r.get("recall_at_100_rerank")),
+                            _fmt(r.get("qrels_recall_at_k")), _fmt(r.get("qrels_recall_at_k_rerank"))]
             table.append(row)
         lines += md_table(cols, "l" + "r" * (len(cols) - 3) + "ll", table)
         notes = _faiss_notes(rs)
