@@ -437,6 +437,8 @@ def limit_probe(
     threads: int = typer.Option(1, "--threads", help="torch threads."),
     start: int | None = typer.Option(None, "--start", help="First n of the search (default: the paper's fit at d)."),
     step: int = typer.Option(1, "--step", help="First galloping step (the reference: 1)."),
+    sweep: bool = typer.Option(False, "--sweep/--no-sweep", help="After the search also measure critical n - 4 .. "
+                               "+ 5 in float32 (the reference's phase 3; the reported n stays the search's)."),
     at: int | None = typer.Option(None, "--at", help="Check this one n (no search) at every --dims."),
 ) -> None:
     """Critical n (largest corpus whose every k-subset is some query's top-k) per dimension, free embeddings."""
@@ -480,7 +482,7 @@ def limit_probe(
 
     torch.set_num_threads(threads)
     runs = _guard(lambda: run_probe(out, dim_list, k=k, codecs_for=for_dim, seed=seed, max_iters=max_iters,
-                                    patience=patience, threads=threads, start=start, step=step, at=at,
+                                    patience=patience, threads=threads, start=start, step=step, sweep=sweep, at=at,
                                     log=lambda m: _out.print(m, markup=False)))
     for r in runs:
         if r["critical_n"] is not None:

@@ -10,6 +10,7 @@ import pytest
 from embpress.bench import multivector as bench_mv
 from embpress.bench.records import read_records
 from embpress.bench.vectors_report import render_report
+from embpress.cli import main
 
 
 def _tiny(seed: int = 0):
@@ -68,6 +69,10 @@ def test_rows_are_records_that_resume_and_render(tmp_path, monkeypatch):
     assert len(read_records(tmp_path / "results.jsonl")) == before + 2  # only fp16 and sq8 at 20 candidates
     assert {r["config"]["candidates"] for r in more if "candidates" in r["config"]} == {5, 20}
     md, png = render_report(tmp_path)
+    md.unlink()
+    with pytest.raises(SystemExit) as done:  # the one report command renders vectors folders too
+        main(["report", str(tmp_path)])
+    assert done.value.code == 0
     text = md.read_text()
     assert "## tiny (test)" in text and "| chamfer |" in text and "| fde+rerank | fde:R=4,k=2,dproj=8 |" in text
     assert png.stat().st_size > 0

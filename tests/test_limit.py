@@ -131,3 +131,12 @@ def test_probe_bounds_from_trials():
     assert bounds(t) == {"critical_n": 12, "first_failure": 20, "exact": False, "failures_below": 1}
     assert bounds([{"n": 5, "success": False}])["critical_n"] is None
     assert bounds([{"n": 5, "success": True}, {"n": 6, "success": False}])["exact"]
+
+
+def test_probe_sweep_measures_around_the_critical_n_as_the_reference():
+    from embpress.limit.probe import probe
+
+    seen = []
+    runs = probe(2, patience=200, max_iters=3000, sweep=True, on_trial=lambda s, n, o: seen.append(n))
+    assert runs[0].critical_n == 3 and sorted(set(seen)) == [3, 4, 5, 6, 7, 8]  # 3 - 4 .. 3 + 5, from n = 3
+    assert len(seen) == len(set(seen))  # each n measured once

@@ -58,7 +58,8 @@ def trial_config(*, d: int, k: int, n: int, storage: str, seed: int, max_iters: 
 def run_probe(out: str | os.PathLike, dims: Sequence[int], *, k: int = 2,
               codecs_for: Callable[[int], tuple[str, ...]] = lambda d: (), seed: int = 0, max_iters: int = 100_000,
               patience: int = 1000, threads: int | None = None, start: int | None = None, step: int = 1,
-              at: int | None = None, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+              sweep: bool = False, at: int | None = None,
+              log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Search the critical n (or check one n, ``at``) at each of ``dims``, appending a record per new trial to
     ``out/results.jsonl`` and reusing the recorded ones. Returns one summary per (d, storage):
     ``{"d", "storage", "critical_n" (None for a check), "trials"}``."""
@@ -91,7 +92,7 @@ def run_probe(out: str | os.PathLike, dims: Sequence[int], *, k: int = 2,
                 summaries.append({"d": d, "storage": o["storage"], "critical_n": None, "trials": [o]})
             continue
         for run in probe(d, k=k, codecs=codecs, start=start, step=step, seed=seed, max_iters=max_iters,
-                         patience=patience, known=known, on_trial=on_trial, log=log):
+                         patience=patience, sweep=sweep, known=known, on_trial=on_trial, log=log):
             summaries.append({"d": d, "storage": run.codec, "critical_n": run.critical_n, "trials": run.trials})
     return summaries
 

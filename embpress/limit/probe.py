@@ -226,7 +226,7 @@ def codec_check(fit: FitResult, codec_spec: str, *, k: int = 2, seed: int = 0, m
 
 
 def probe(d: int, *, k: int = 2, codecs: tuple[str, ...] = (), start: int | None = None, step: int = 1,
-          seed: int = 0, max_iters: int = 100_000, patience: int = 1000,
+          seed: int = 0, max_iters: int = 100_000, patience: int = 1000, sweep: bool = False,
           known: Mapping[tuple[str, int], Mapping] | None = None,
           on_trial: Callable[[str, int, dict], None] | None = None,
           log: Callable[[str], None] | None = None) -> list[ProbeRun]:
@@ -238,6 +238,8 @@ def probe(d: int, *, k: int = 2, codecs: tuple[str, ...] = (), start: int | None
             at d, at least k + 1).
         step: first gallop step (1, as the reference).
         seed, max_iters, patience: as :func:`fit_free_embeddings`.
+        sweep: after the search, also measure n = critical - 4 .. critical + 5 in float32 (the reference's
+            phase 3; like the reference, the returned critical n stays the search's).
         known: outcomes already measured, by (storage, n): a dict with ``success``, ``accuracy``,
             ``iterations``, ``seconds`` (resumed from records; not measured again).
         on_trial: called with (storage, n, outcome) after each new measurement (to record it).
@@ -275,6 +277,10 @@ def probe(d: int, *, k: int = 2, codecs: tuple[str, ...] = (), start: int | None
     run.critical_n, _ = critical_n(lambda n: outcome("float32", n, lambda: float_fit(n), run), start, step=step,
                                    lo_bound=k + 1)
     runs.append(run)
+    if sweep:
+        for n in range(max(k + 1, run.critical_n - 4), run.critical_n + 6):
+            if ("float32", n) not in known:
+                outcome("float32", n, lambda n=n: float_fit(n), run)
     for spec in codecs:
         crun = ProbeRun(d, k, spec, 0)
 
