@@ -227,6 +227,7 @@ def render_png(recs: Sequence[dict[str, Any]]) -> bytes:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     tables = _tables(recs)
+    differ = varying([s for s, _ in tables])
     dims = sorted({d for _, cells in tables for d, _ in cells}) or [4, 32]
     grid = np.geomspace(max(2, min(dims) / 1.5), max(dims) * 1.5, 100)
     ax.plot(grid, [paper_critical_n(d) for d in grid], "k--", lw=1,
@@ -235,7 +236,7 @@ def render_png(recs: Sequence[dict[str, Any]]) -> bytes:
                     color="0.88", label="fit ± 25 %")
     markers = {"float32": "o", "sq8": "s", "sq4": "D", "bin": "v"}
     for settings, cells in tables:
-        tag = f" (k={settings['k']})" if len(tables) > 1 else ""
+        tag = f" ({label(settings, differ)})" if len(tables) > 1 else ""
         for s in sorted({s for _, s in cells}, key=lambda s: (s != FLOAT, s)):
             pts = []
             for d in sorted({d for d, st in cells if st == s}):
