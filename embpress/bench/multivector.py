@@ -81,7 +81,8 @@ def run_multivector_eval(*, out: str | os.PathLike, dataset: str, model: str, co
 
     Args:
         dataset, model: names recorded with every row. encoder: an FDE spec (``"fde:R=20,k=5,dproj=8"``).
-        candidates: FDE candidates re-ranked (each >= k). carve_tau: ball-carve the query tokens first.
+        candidates: FDE candidates re-ranked (each >= k). carve_tau: ball-carve the query tokens before their
+            FDE is encoded (the re-rank scores every query token).
         threads: the thread limit the caller set (recorded: it changes the speed figures).
     """
     say = log or (lambda m: None)
@@ -233,7 +234,8 @@ def mv_groups(recs: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, 
     for g, c in zip(groups, configs, strict=True):
         differ = varying([x for x in configs if x["dataset"] == c["dataset"]])
         rows = [{**r["config"], **r["metrics"]} for r in g]
-        rows.sort(key=lambda r: (_ORDER.get(r["method"], 9), str(r.get("fde", "")), str(r.get("carve_tau")),
+        rows.sort(key=lambda r: (_ORDER.get(r["method"], 9), str(r.get("fde", "")), r.get("carve_tau") is not None,
+                                 r.get("carve_tau") or 0.0,
                                  r.get("bytes_per_doc") or 0, str(r.get("codec", "")), r.get("candidates") or 0))
         extra = label(c, differ)
         out.append((f"{c['dataset']} ({c['model']})" + (f", {extra}" if extra else ""), rows))
@@ -245,7 +247,9 @@ def render_multivector_markdown(recs: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["# Multi-vector: single vector, exact Chamfer over token states, MUVERA FDE + codec + re-rank", "",
              "nDCG@10 and recall@c against the qrels. `cand. recall`: share of the exact-Chamfer top-k among the "
              "FDE candidates. bytes/doc in memory: the pooled float32 vector (single) or the FDE code (fde); "
-             "on disk: the token vectors at their stored precision plus an offset (read by Chamfer). "
+             "on disk: the token vectors at their stored precision plus an offset (read by Chamfer). carve τ: "
+             "the query tokens are ball-carved (cluster sums) for the query FDE only; the Chamfer re-rank uses every "
+             "query token (the carving time is counted in queries/s). "
              "queries/s: wall clock, one thread, shared machine (noisy).", ""]
     for title, rows in mv_groups(recs):
         k = rows[0]["k"]
