@@ -223,10 +223,21 @@ def train(
 
 @app.command()
 def report(out: Annotated[Path, typer.Argument(help="Run folder holding results.jsonl.")]) -> None:
-    """Re-render report.md and pareto.png from the records of a run folder."""
-    from embpress.bench.report import write_report
+    """Re-render report.md and its figure from the records of a run folder (CTR, vectors or LIMIT probe)."""
+    from embpress.bench.records import run_kind
 
-    md, png = _guard(lambda: write_report(out))
+    def render():
+        kind = run_kind(out) if out.is_dir() else None
+        if kind == "vectors":
+            from embpress.bench.vectors_report import render_report
+            return render_report(out)
+        if kind == "limit":
+            from embpress.bench.limit import write_report as limit_report
+            return limit_report(out)
+        from embpress.bench.report import write_report
+        return write_report(out)  # CTR, or the error for a missing or empty run folder
+
+    md, png = _guard(render)
     console.print(f"wrote {md} and {png}", markup=False)
 
 
@@ -349,15 +360,17 @@ def vectors_eval(
 def _multivector_eval(beir: Path, model: str | None, split: str, cache: Path | None, encode_threads: int | None,
                       spec: str, codecs: list[str], candidates: tuple[int, ...], k: int, seed: int, threads: int,
                       carve_tau: float | None, out: Path, progress: bool) -> None:
-    """The --multivector branch of ``vectors eval``."""
+    """The --multivector branch of ``vectors eval``: records in ``out/results.jsonl``, then the report."""
     from threadpoolctl import threadpool_limits
 
-    from embpress.bench.multivector import run_multivector_eval, write_multivector_report
+    from embpress.bench.multivector import run_multivector_eval
+    from embpress.bench.vectors_report import render_report
     from embpress.vectors.beir import load_beir
     from embpress.vectors.encode import default_model_path, encode_texts, encode_token_states, model_label
     from embpress.vectors.multivector import parse_fde_spec
 
     parse_fde_spec(spec)
+    _check_out(out, "vectors")
     ds = load_beir(beir, split=split)
     model_name = model or default_model_path()
     _out.print(f"{ds.name}: {len(ds.corpus_ids):,} documents, {len(ds.query_ids):,} judged queries", markup=False)
@@ -367,12 +380,14 @@ def _multivector_eval(beir: Path, model: str | None, split: str, cache: Path | N
     tq = encode_token_states(ds.query_texts, description="query tokens", **enc)
     tb = encode_token_states(ds.corpus_texts, description="corpus tokens", **enc)
     with threadpool_limits(threads):
-        rows = run_multivector_eval(corpus_ids=ds.corpus_ids, query_ids=ds.query_ids, qrels=ds.qrels,
-                                    doc_vectors=xb, query_vectors=xq, doc_tokens=tb, query_tokens=tq, encoder=spec,
-                                    codecs=codecs, candidates=candidates, k=k, seed=seed, carve_tau=carve_tau,
-                                    log=lambda m: _out.print(m, markup=False))
-    md = write_multivector_report(rows, out, title=f"{ds.name}:{model_label(model_name)} {spec}", k=k)
-    _out.print(f"wrote {out / 'multivector.json'} and {md}", markup=False)
+        run_multivector_eval(out=out, dataset=ds.name, model=model_label(model_name), corpus_ids=ds.corpus_ids,
+                             query_ids=ds.query_ids, qrels=ds.qrels, doc_vectors=xb, query_vectors=xq,
+                             doc_tokens=tb, query_tokens=tq, encoder=spec, codecs=codecs, candidates=candidates,
+                             k=k, seed=seed, carve_tau=carve_tau, threads=threads,
+                             log=lambda m: _out.print(m, markup=False))
+    md, png = render_report(out)
+    _out.print(f"wrote {out / 'results.jsonl'}, {md}, {png}", markup=False)
+
 
 @vectors_app.command("build")
 def vectors_build(
@@ -503,22 +518,24 @@ def limit_probe(
                                help="Document storage to probe after float32, e.g. 'sq8,sq4,bin,pq' ('pq' = pq{d/2}x4, 2 bits "
                                "per dim, probed at d >= 16 only: its k-means needs 16 documents)."),
     codec_dims: str | None = typer.Option(None, "--codec-dims", help="Dimensions the codecs are probed at (default all)."),
-    out: Path = typer.Option(Path("runs/limit-probe"), "--out", help="Folder for probe.json and probe.png."),
+    out: Path = typer.Option(Path("runs/limit-probe"), "--out",
+                             help="Run folder: results.jsonl (one record per trial; a rerun resumes), report.md, "
+                             "probe.png."),
     seed: int = typer.Option(0, "--seed"),
     max_iters: int = typer.Option(100_000, "--max-iters", help="Iteration cap per optimisation (reference 100k)."),
     patience: int = typer.Option(1000, "--patience", help="Early stop after this many steps without loss gain."),
     threads: int = typer.Option(1, "--threads", help="torch threads."),
-    at: int | None = typer.Option(None, "--at", help="Check this one n (no search) at every --dims; "
-                                  "records go to checks.json."),
+    start: int | None = typer.Option(None, "--start", help="First n of the search (default: the paper's fit at d)."),
+    step: int = typer.Option(1, "--step", help="First galloping step (the reference: 1)."),
+    sweep: bool = typer.Option(False, "--sweep/--no-sweep", help="After the search also measure critical n - 4 .. "
+                               "+ 5 in float32 (the reference's phase 3; the reported n stays the search's)."),
+    at: int | None = typer.Option(None, "--at", help="Check this one n (no search) at every --dims."),
 ) -> None:
     """Critical n (largest corpus whose every k-subset is some query's top-k) per dimension, free embeddings."""
-    import json
-
-    from embpress.atomic import atomic_write_text
     from embpress.bench.ctr import parse_list
-    from embpress.bench.limit_plot import plot_probe
 
-    for value, option in ((k, "--k"), (max_iters, "--max-iters"), (patience, "--patience"), (threads, "--threads")):
+    for value, option in ((k, "--k"), (max_iters, "--max-iters"), (patience, "--patience"), (threads, "--threads"),
+                          (start, "--start"), (step, "--step")):
         _positive(value, option)
     dim_list = _guard(lambda: parse_list(dims, int, "dims"))
     cdims = set(dim_list) if codec_dims is None else set(_guard(lambda: parse_list(codec_dims, int, "codec-dims")))
@@ -543,42 +560,28 @@ def limit_probe(
                 build_codec(s)
 
     _guard(check)
-    import torch
-
-    from embpress.limit.probe import paper_critical_n, probe
-
     if at is not None and at <= k:
         _fail(f"--at must exceed --k {k}, got {at}")
+    if start is not None and start <= k:
+        _fail(f"--start must exceed --k {k}, got {start}")
+    _check_out(out, "limit")
+    import torch
+
+    from embpress.bench.limit import run_probe, write_report
+    from embpress.limit.probe import paper_critical_n
+
     torch.set_num_threads(threads)
-    out.mkdir(parents=True, exist_ok=True)
-    if at is not None:
-        from embpress.limit.probe import check_at
-
-        path = out / "checks.json"
-        checks = json.loads(path.read_text()) if path.is_file() else []
-        for d in dim_list:
-            checks += _guard(lambda d=d: check_at(at, d, k=k, codecs=for_dim(d), seed=seed, max_iters=max_iters,
-                                                  patience=patience, log=lambda m: _out.print(m, markup=False)))
-            atomic_write_text(path, json.dumps(checks, indent=1))
-        _out.print(f"wrote {path}", markup=False)
-        return
-    records: list[dict] = []
-    for d in dim_list:
-        runs = _guard(lambda d=d: probe(d, k=k, codecs=for_dim(d),
-                                        seed=seed, max_iters=max_iters, patience=patience,
-                                        log=lambda m: _out.print(m, markup=False)))
-        for r in runs:
-            fit = paper_critical_n(d)
-            _out.print(f"d={d} k={k} {r.codec}: critical n = {r.critical_n} (paper fit {fit:.1f}, "
-                       f"{r.critical_n / fit - 1:+.0%})", markup=False)
-            records.append({"d": r.d, "k": r.k, "codec": r.codec, "critical_n": r.critical_n,
-                            "paper_fit": round(fit, 2), "seed": seed, "max_iters": max_iters, "patience": patience,
-                            "trials": r.trials})
-        atomic_write_text(out / "probe.json", json.dumps(records, indent=1))
-        plot_probe(out / "probe.json", out / "probe.png",
-                   checks=out / "checks.json" if (out / "checks.json").is_file() else None)
-    _out.print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}", markup=False)
-
+    runs = _guard(lambda: run_probe(out, dim_list, k=k, codecs_for=for_dim, seed=seed, max_iters=max_iters,
+                                    patience=patience, threads=threads, start=start, step=step, sweep=sweep, at=at,
+                                    log=lambda m: _out.print(m, markup=False)))
+    for r in runs:
+        if r["critical_n"] is not None:
+            fit = paper_critical_n(r["d"])
+            _out.print(f"d={r['d']} k={k} {r['storage']}: critical n = {r['critical_n']}"
+                       + (f" (paper fit {fit:.1f}, {r['critical_n'] / fit - 1:+.0%})" if k == 2 else ""),
+                       markup=False)
+    md, png = _guard(lambda: write_report(out))
+    _out.print(f"wrote {out / 'results.jsonl'}, {md} and {png}", markup=False)
 
 
 @limit_app.command("generate")
@@ -591,17 +594,22 @@ def limit_generate(
     items_per_doc: int = typer.Option(45, "--items-per-doc", help="Items each person likes."),
     vocab_from: Path | None = typer.Option(None, "--vocab-from",
                                            help="A LIMIT folder whose items and names to reuse (default: pseudo-words)."),
+    subset: int | None = typer.Option(None, "--subset", help="Write only this many of the --docs documents: every "
+                                      "judged one plus seeded random distractors (queries and qrels unchanged)."),
 ) -> None:
     """Write a LIMIT-style retrieval set ("<name> likes A, B, ...", "Who likes X?") in the MTEB/BEIR layout."""
-    from embpress.limit.data import generate_limit, vocab_from_corpus, write_limit
+    from embpress.limit.data import generate_limit, subset_limit, vocab_from_corpus, write_limit
 
-    for value, option in ((docs, "--docs"), (queries, "--queries"), (k, "--k"), (items_per_doc, "--items-per-doc")):
+    for value, option in ((docs, "--docs"), (queries, "--queries"), (k, "--k"), (items_per_doc, "--items-per-doc"),
+                          (subset, "--subset")):
         _positive(value, option)
     if vocab_from is not None and not (vocab_from / "corpus.jsonl").is_file():
         _fail(f"--vocab-from {vocab_from}: no corpus.jsonl there")
     vocab = _guard(lambda: vocab_from_corpus(vocab_from)) if vocab_from is not None else None
     data = _guard(lambda: generate_limit(docs, n_queries=queries, k=k, items_per_doc=items_per_doc, seed=seed,
                                          vocab=vocab))
+    if subset is not None:
+        data = _guard(lambda: subset_limit(data, subset, seed=seed))
     _guard(lambda: write_limit(data, out))
     _out.print(f"wrote {out}: {len(data.corpus_ids):,} documents, {len(data.query_ids):,} queries, "
                f"{sum(len(v) for v in data.qrels.values()):,} qrels", markup=False)

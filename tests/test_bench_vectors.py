@@ -136,9 +136,11 @@ def test_eval_beir_from_cached_vectors(tmp_path):
     ref = recs[0]
     assert ref["codec"] == "float32" and ref["dataset"] == "mini:fake-model"
     assert ref["ndcg_at_10"] == pytest.approx(1.0) and ref["recall_at_100"] == pytest.approx(1.0)
+    assert ref["qrels_recall_at_k"] == pytest.approx(1.0)  # recall@10 against the qrels: the judged doc is first
     for r in recs:
-        assert {"ndcg_at_10", "ndcg_at_10_rerank", "recall_at_100", "recall_at_100_rerank"} <= set(r)
-    assert "nDCG@10" in (out / "report.md").read_text()
+        assert {"ndcg_at_10", "ndcg_at_10_rerank", "recall_at_100", "recall_at_100_rerank", "qrels_recall_at_k",
+                "qrels_recall_at_k_rerank"} <= set(r)
+    assert "nDCG@10" in (out / "report.md").read_text() and "qrels R@10" in (out / "report.md").read_text()
 
 
 def test_faiss_equivalents():

@@ -60,7 +60,6 @@ CASES = [
     ("bench --bogus", "No such option: --bogus"),
     ("report {d}/afile", "is a file, not a run folder"),
     ("report {d}/missing", "not found: run `embpress bench"),
-    ("report {d}/vec_run", "holds vectors records"),
     ("vectors report {d}/ctr_run", "holds ctr records"),
     ("vectors eval --codecs , --base {d}/base.npy --out {d}/r", "--codecs: empty list"),
     ("vectors eval --codecs sq8,pq7y --base {d}/base.npy --out {d}/r", "unknown or malformed codec spec 'pq7y'"),
@@ -99,6 +98,9 @@ CASES = [
     ("limit probe --dims 4,x --out {d}/r", "--dims"),
     ("limit probe --dims 4 --codecs zz9 --out {d}/r", "zz9"),
     ("limit probe --dims 4 --at 2 --out {d}/r", "--at must exceed --k 2"),
+    ("limit probe --dims 4 --out {d}/vec_run", "holds vectors records"),
+    ("limit probe --dims 4 --step 0 --out {d}/r", "--step must be >= 1"),
+    ("limit generate --docs 100 --subset 10 --out {d}/r", "subset size must be in [46"),
     ("limit generate --docs 5 --out {d}/r", "need at least 46 documents"),
     ("limit generate --docs 50 --vocab-from {d} --out {d}/r", "no corpus.jsonl"),
     ("vectors eval --base {d}/base.npy --multivector fde:R=2 --codecs sq8 --out {d}/r", "--multivector needs --beir"),
@@ -186,9 +188,15 @@ def test_limit_probe_and_generate(tmp_path, capsys):
 
     code, output = run_main(["limit", "probe", "--dims", "2", "--codecs", "sq8", "--out", str(tmp_path / "p")], capsys)
     assert code in (0, None), output
-    runs = json.loads((tmp_path / "p" / "probe.json").read_text())
-    assert [r["codec"] for r in runs] == ["float32", "sq8"] and runs[0]["critical_n"] >= 3
+    assert "d=2 k=2 float32: critical n = 3" in output and "d=2 k=2 sq8: critical n = 3" in output
+    recs = [json.loads(line) for line in (tmp_path / "p" / "results.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in recs} == {"limit"} and {r["config"]["storage"] for r in recs} == {"float32", "sq8"}
     assert (tmp_path / "p" / "probe.png").stat().st_size > 0
+    (tmp_path / "p" / "report.md").unlink()
+    code, output = run_main(["report", str(tmp_path / "p")], capsys)  # the one report command knows the kind
+    assert code in (0, None) and "| 2 | – | 3 | 3 |" in (tmp_path / "p" / "report.md").read_text(), output
+    code, output = run_main(["limit", "probe", "--dims", "2", "--out", str(tmp_path / "p")], capsys)
+    assert "recorded" in output and len((tmp_path / "p" / "results.jsonl").read_text().splitlines()) == len(recs)
     code, output = run_main(["limit", "generate", "--docs", "60", "--queries", "30", "--items-per-doc", "10",
                              "--out", str(tmp_path / "g")], capsys)
     assert code in (0, None) and "60 documents, 30 queries, 60 qrels" in output, output

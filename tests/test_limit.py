@@ -4,6 +4,7 @@ the critical-n search, the codec storage check, and the LIMIT-style data generat
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -92,3 +93,50 @@ def test_generated_limit_has_the_published_statistics(tmp_path):
     assert json.loads((tmp_path / "lim" / "qrels.jsonl").read_text().splitlines()[0])["score"] == 1
     with pytest.raises(ValueError, match="need at least 15 documents"):
         generate_limit(10, n_queries=100)
+
+
+def test_probe_records_resume_and_share_trials_with_checks(tmp_path, monkeypatch):
+    from embpress.bench import limit as bench_limit
+    from embpress.bench.records import read_records
+
+    out = tmp_path / "run"
+    first = bench_limit.run_probe(out, [2], codecs_for=lambda d: ("sq8",), patience=200, max_iters=3000, threads=1)
+    assert [(s["storage"], s["critical_n"]) for s in first] == [("float32", 3), ("sq8", 3)]
+    recs = read_records(out / "results.jsonl", kind="limit")
+    assert {(r["config"]["storage"], r["config"]["n"]) for r in recs} == {("float32", 3), ("float32", 4), ("sq8", 3)}
+    assert all(r["config"]["patience"] == 200 and r["config"]["lr"] == 0.01 for r in recs)
+
+    def no_fit(*a, **kw):
+        raise AssertionError("a recorded trial was measured again")
+
+    probe_mod = sys.modules["embpress.limit.probe"]
+    monkeypatch.setattr(probe_mod, "fit_free_embeddings", no_fit)
+    again = bench_limit.run_probe(out, [2], codecs_for=lambda d: ("sq8",), patience=200, max_iters=3000, threads=1)
+    assert [s["critical_n"] for s in again] == [3, 3] and len(read_records(out / "results.jsonl")) == len(recs)
+    monkeypatch.setattr(probe_mod, "fit_free_embeddings", fit_free_embeddings)
+    check = bench_limit.run_probe(out, [2], at=4, patience=200, max_iters=3000, threads=1,
+                                  codecs_for=lambda d: ("sq8",))  # float32 at n=4 is recorded: reused
+    assert [(c["storage"], c["trials"][0]["success"]) for c in check] == [("float32", False)]
+    assert len(read_records(out / "results.jsonl")) == len(recs)
+    other = bench_limit.run_probe(out, [2], patience=300, max_iters=3000, threads=1)  # another setting: new trials
+    assert other[0]["critical_n"] == 3 and len(read_records(out / "results.jsonl")) == len(recs) + 2
+    md = bench_limit.render_markdown(read_records(out / "results.jsonl"))
+    assert md.count("## k = 2 (patience=") == 2 and "| 2 | – | 3 | 3 |" in md
+
+
+def test_probe_bounds_from_trials():
+    from embpress.bench.limit import bounds
+
+    t = [{"n": n, "success": ok} for n, ok in ((10, True), (12, True), (20, False), (11, False))]
+    assert bounds(t) == {"critical_n": 12, "first_failure": 20, "exact": False, "failures_below": 1}
+    assert bounds([{"n": 5, "success": False}])["critical_n"] is None
+    assert bounds([{"n": 5, "success": True}, {"n": 6, "success": False}])["exact"]
+
+
+def test_probe_sweep_measures_around_the_critical_n_as_the_reference():
+    from embpress.limit.probe import probe
+
+    seen = []
+    runs = probe(2, patience=200, max_iters=3000, sweep=True, on_trial=lambda s, n, o: seen.append(n))
+    assert runs[0].critical_n == 3 and sorted(set(seen)) == [3, 4, 5, 6, 7, 8]  # 3 - 4 .. 3 + 5, from n = 3
+    assert len(seen) == len(set(seen))  # each n measured once

@@ -1,8 +1,8 @@
 """Results records: one JSON object per trial, one per line, appended atomically to ``results.jsonl``.
 
-ONE layout for both sides of the benchmark (CTR tables and retrieval vectors)::
+ONE layout for every benchmark (CTR tables, retrieval vectors, the LIMIT probe)::
 
-    {"layout": 1, "kind": "ctr" | "vectors", "trial": "<16 hex>", "config": {...},
+    {"layout": 1, "kind": "ctr" | "vectors" | "limit", "trial": "<16 hex>", "config": {...},
      "status": "ok" | "unreachable" | "failed", "reason": str | null, "metrics": {...},
      "provenance": {"embpress_version", "git_sha", "python", "torch", "numpy", "time"}, "check": "<16 hex>"}
 
@@ -36,11 +36,11 @@ import numpy as np
 LAYOUT = 1
 """Version of the record layout; bump when a field changes meaning."""
 
-KINDS = ("ctr", "vectors")
+KINDS = ("ctr", "vectors", "limit")
 STATUSES = ("ok", "unreachable", "failed")
 RESULTS = "results.jsonl"
 _FIELDS = ("layout", "kind", "trial", "config", "status", "reason", "metrics", "provenance", "check")
-_PRODUCERS = {"ctr": "embpress bench", "vectors": "embpress vectors eval"}
+_PRODUCERS = {"ctr": "embpress bench", "vectors": "embpress vectors eval", "limit": "embpress limit probe"}
 
 
 class RecordError(ValueError):
@@ -281,6 +281,24 @@ def open_run(out: str | os.PathLike, kind: str) -> tuple[Path, list[dict[str, An
                                  "pareto.png)")
     path = out / RESULTS
     return path, read_records(path, kind=kind)
+
+
+def run_kind(out: str | os.PathLike) -> str | None:
+    """The kind of the records in run folder ``out`` (None when it holds none), every line checked.
+
+    Raises:
+        RecordError: damaged or foreign records, or records of more than one kind (file:line).
+    """
+    path = Path(out) / RESULTS
+    recs = read_records(path)
+    if not recs:
+        return None
+    first = recs[0]["kind"]
+    for i, r in enumerate(recs):
+        if r["kind"] != first:
+            raise RecordError(f"{path}: holds {first} and {r['kind']} records (record {i + 1}); one run folder "
+                              "holds one kind: move one set to another folder")
+    return first
 
 
 def latest_per_trial(records: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:

@@ -125,8 +125,9 @@ def set_aside_note(dropped: int) -> list[str]:
 
 
 def write_report_files(out: str | os.PathLike, kind: str, *, render_markdown: Callable[[list[dict]], str],
-                       render_png: Callable[[list[dict]], bytes], producer: str) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``pareto.png`` into ``out`` (atomically) from its ``results.jsonl``.
+                       render_png: Callable[[list[dict]], bytes], producer: str,
+                       png_name: str = "pareto.png") -> tuple[Path, Path]:
+    """Write ``report.md`` and ``png_name`` into ``out`` (atomically) from its ``results.jsonl``.
 
     Raises:
         FileNotFoundError: no results file (the message says which command writes one).
@@ -138,7 +139,7 @@ def write_report_files(out: str | os.PathLike, kind: str, *, render_markdown: Ca
     if not (out / RESULTS).is_file():
         raise FileNotFoundError(f"{out / RESULTS} not found: run `{producer} --out {out}` first")
     _, records = open_run(out, kind)
-    md, png = out / "report.md", out / "pareto.png"
+    md, png = out / "report.md", out / png_name
     atomic_write_text(md, render_markdown(records))
     atomic_write_bytes(png, render_png(records))
     return md, png

@@ -180,10 +180,14 @@ def _threads(n: int | None):
     return limit_threads(n)
 
 
-def _beir(data: EvalSet, ids: np.ndarray, dist: np.ndarray) -> dict[str, float]:
+def _beir(data: EvalSet, ids: np.ndarray, dist: np.ndarray, k: int | None = None) -> dict[str, float]:
+    """nDCG@10 and recall@100 against the qrels, and recall@k (``qrels_recall_at_k``) when k is given."""
     assert data.qrels is not None and data.corpus_ids is not None and data.query_ids is not None
-    return beir_metrics(ids, dist, data.query_ids, data.corpus_ids, data.qrels, ("ndcg@10", "recall@100"),
-                        backend=data.metrics_backend)
+    names = ("ndcg@10", "recall@100") + ((f"recall@{k}",) if k is not None and k != 100 else ())
+    m = beir_metrics(ids, dist, data.query_ids, data.corpus_ids, data.qrels, names, backend=data.metrics_backend)
+    if k is not None:
+        m["qrels_recall_at_k"] = m[f"recall@{k}"]
+    return m
 
 
 def _ours(spec: str, data: EvalSet, gt: np.ndarray, *, k: int, oversample: int, metric: Metric, seed: int,
@@ -224,11 +228,12 @@ def _ours(spec: str, data: EvalSet, gt: np.ndarray, *, k: int, oversample: int, 
         step("nDCG")
         kb = max(k, 100)
         r = index.search(q, kb)
-        m = _beir(data, r.ids, r.distances)
+        m = _beir(data, r.ids, r.distances, k)
         r = index.search(q, kb, oversample=oversample)
-        mr = _beir(data, r.ids, r.distances)
-        rec.update(ndcg_at_10=m["ndcg@10"], recall_at_100=m["recall@100"],
-                   ndcg_at_10_rerank=mr["ndcg@10"], recall_at_100_rerank=mr["recall@100"])
+        mr = _beir(data, r.ids, r.distances, k)
+        rec.update(ndcg_at_10=m["ndcg@10"], recall_at_100=m["recall@100"], qrels_recall_at_k=m["qrels_recall_at_k"],
+                   ndcg_at_10_rerank=mr["ndcg@10"], recall_at_100_rerank=mr["recall@100"],
+                   qrels_recall_at_k_rerank=mr["qrels_recall_at_k"])
     return rec
 
 

@@ -28,7 +28,8 @@ CODEC_KEYS = ("codec", "codec_params")
 """A table of the report shares every setting but the codec: one row per codec."""
 
 RECALL_NOTE = ("recall@k is the mean over queries of |returned top-k ∩ exact top-k| / k, against exact "
-               "float32 search of the same metric (FAISS brute force).")
+               "float32 search of the same metric (FAISS brute force). With qrels, nDCG@10, R@100 and qrels R@k are "
+               "against the judgements.")
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -50,12 +51,16 @@ def _qps(r: dict[str, Any], field: str) -> Any:
     return r.get(f"{field}_cpu", r.get(field))
 
 
+def _is_multivector(r: dict[str, Any]) -> bool:
+    return r["config"].get("eval") == "multivector"
+
+
 def _groups(records: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """Records grouped by their whole configuration less the codec, each group titled by its data set
     and the settings that set it apart from the other groups of that data set. Rows are flat
     dicts (config, metrics and provenance on one level), sorted by bytes per vector.
     """
-    latest, _ = latest_per_trial(r for r in records if r["status"] == "ok")
+    latest, _ = latest_per_trial(r for r in records if r["status"] == "ok" and not _is_multivector(r))
     groups = list(group_by_settings(latest, ignore=CODEC_KEYS).values())
     configs = [without(g[0]["config"], CODEC_KEYS) for g in groups]
     out = []
@@ -91,7 +96,15 @@ def _faiss_notes(rs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(records: Sequence[dict[str, Any]]) -> str:
-    """The report text: one table per configuration less the codec, rows sorted by bytes per vector."""
+    """The report text: one table per configuration less the codec, rows sorted by bytes per vector; then the
+    multi-vector evaluations (:mod:`embpress.bench.multivector`), one table each."""
+    from embpress.bench.multivector import render_multivector_markdown
+
+    multi = [r for r in records if _is_multivector(r)]
+    records = [r for r in records if not _is_multivector(r)]
+    if multi and not records:
+        return "\n".join([*set_aside_note(latest_per_trial(multi)[1]), *render_multivector_markdown(multi)])
+    tail = render_multivector_markdown(multi) if multi else []
     lines = ["# Retrieval vectors: quality vs bytes per vector", "", RECALL_NOTE,
              "`+rr` columns re-rank the top k×oversample candidates exactly from float32 originals on disk. "
              "bytes/vec counts every in-memory per-vector byte (code with its norms or scales, attributes; "
@@ -122,7 +135,8 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
                 f"FAISS recall@{k}", "q/s", "q/s +rr", "FAISS q/s", "FAISS q/s +rr", "encode vec/s", "FAISS index",
                 "Pareto"]
         if qrels:
-            cols[7:7] = ["nDCG@10", "nDCG@10 +rr", "% float", "% float +rr", "FAISS nDCG@10", "R@100", "R@100 +rr"]
+            cols[7:7] = ["nDCG@10", "nDCG@10 +rr", "% float", "% float +rr", "FAISS nDCG@10", "R@100", "R@100 +rr",
+                         f"qrels R@{k}", f"qrels R@{k} +rr"]
         ref_ndcg = ref.get("ndcg_at_10") if ref else None
         table = []
         for i, r in enumerate(rs):
@@ -136,7 +150,8 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
                     return f"{100 * v / ref:.1f}" if (v is not None and ref) else "–"
                 row[7:7] = [_fmt(r.get("ndcg_at_10")), _fmt(r.get("ndcg_at_10_rerank")), pct(r.get("ndcg_at_10")),
                             pct(r.get("ndcg_at_10_rerank")), _fmt(r.get("faiss_ndcg_at_10")),
-                            _fmt(r.get("recall_at_100")), _fmt(r.get("recall_at_100_rerank"))]
+                            _fmt(r.get("recall_at_100")), _fmt(r.get("recall_at_100_rerank")),
+                            _fmt(r.get("qrels_recall_at_k")), _fmt(r.get("qrels_recall_at_k_rerank"))]
             table.append(row)
         lines += md_table(cols, "l" + "r" * (len(cols) - 3) + "ll", table)
         notes = _faiss_notes(rs)
@@ -146,7 +161,7 @@ def render_markdown(records: Sequence[dict[str, Any]]) -> str:
         if prov:
             lines += ["", "Produced by " + ", ".join(f"{k}={v}" for k, v in sorted(prov.items()) if v) + "."]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, *tail])
 
 
 def render_pareto_png(records: Sequence[dict[str, Any]]) -> bytes:
@@ -156,13 +171,20 @@ def render_pareto_png(records: Sequence[dict[str, Any]]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from embpress.bench.multivector import draw_multivector_panel, mv_groups
+
     panels = []
+    for title, rs in mv_groups([r for r in records if _is_multivector(r)]):
+        panels.append((title, rs, "multivector", ""))
     for title, rs in _groups(records):
         panels.append((title, rs, "recall_at_k", f"recall@{rs[0]['k']}"))
         if any("ndcg_at_10" in r for r in rs):
             panels.append((title, rs, "ndcg_at_10", "nDCG@10"))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 5), squeeze=False)
     for ax, (title, rs, field, ylabel) in zip(axes[0], panels, strict=False):
+        if field == "multivector":
+            draw_multivector_panel(ax, title, rs)
+            continue
         for suffix, style, name in (("", "o", "codes"), ("_rerank", "^", "codes + re-rank"),
                                     ("faiss", "x", "FAISS")):
             f = f"faiss_{field}" if suffix == "faiss" else field + suffix

@@ -176,3 +176,19 @@ def write_limit(data: LimitData, folder: str | os.PathLike) -> Path:
             for d, s in docs.items():
                 fh.write(json.dumps({"query-id": q, "corpus-id": d, "score": s}) + "\n")
     return folder
+
+
+def subset_limit(data: LimitData, n_docs: int, *, seed: int = 0) -> LimitData:
+    """``n_docs`` documents of ``data``: every document some query judges relevant, plus seeded random others
+    (distractors), in their original order; queries and qrels unchanged. A cheaper stand-in for a large set
+    where encoding every document costs too much (say so beside its figures)."""
+    relevant = {doc for docs in data.qrels.values() for doc in docs}
+    if not len(relevant) <= n_docs <= len(data.corpus_ids):
+        raise ValueError(f"subset size must be in [{len(relevant)} (the judged documents), "
+                         f"{len(data.corpus_ids)}], got {n_docs}")
+    rest = np.array([i for i, d in enumerate(data.corpus_ids) if d not in relevant], dtype=np.int64)
+    pick = np.random.default_rng(seed).choice(rest.size, n_docs - len(relevant), replace=False)
+    keep = set(rest[pick].tolist()) | {i for i, d in enumerate(data.corpus_ids) if d in relevant}
+    rows = sorted(keep)
+    return LimitData([data.corpus_ids[i] for i in rows], [data.corpus_texts[i] for i in rows], list(data.query_ids),
+                     list(data.query_texts), {q: dict(v) for q, v in data.qrels.items()}, [data.likes[i] for i in rows])

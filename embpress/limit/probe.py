@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -225,20 +225,30 @@ def codec_check(fit: FitResult, codec_spec: str, *, k: int = 2, seed: int = 0, m
                                seed=seed, docs=dec, queries=fit.queries)
 
 
-def probe(d: int, *, k: int = 2, codecs: tuple[str, ...] = (), start: int | None = None, step: int | None = None,
-          seed: int = 0, max_iters: int = 100_000, patience: int = 1000,
+def probe(d: int, *, k: int = 2, codecs: tuple[str, ...] = (), start: int | None = None, step: int = 1,
+          seed: int = 0, max_iters: int = 100_000, patience: int = 1000, sweep: bool = False,
+          known: Mapping[tuple[str, int], Mapping] | None = None,
+          on_trial: Callable[[str, int, dict], None] | None = None,
           log: Callable[[str], None] | None = None) -> list[ProbeRun]:
     """Critical n at dimension ``d`` in float32, then under each codec (searched below the float critical n).
 
     Args:
         d, k: dimension and subset size. codecs: codec specs for the document vectors (e.g. ``("sq8", "bin")``).
-        start: first n of the gallop (default: the paper's fit at d, at least k + 1).
-        step: first gallop step (default: 3 % of start, at least 1; the reference uses 1).
+        start: first n of the gallop (the reference's ``--enable_critical_n_search``; default: the paper's fit
+            at d, at least k + 1).
+        step: first gallop step (1, as the reference).
         seed, max_iters, patience: as :func:`fit_free_embeddings`.
+        sweep: after the search, also measure n = critical - 4 .. critical + 5 in float32 (the reference's
+            phase 3; like the reference, the returned critical n stays the search's).
+        known: outcomes already measured, by (storage, n): a dict with ``success``, ``accuracy``,
+            ``iterations``, ``seconds`` (resumed from records; not measured again).
+        on_trial: called with (storage, n, outcome) after each new measurement (to record it).
         log: called with one line per trial.
     """
     start = start if start is not None else max(k + 1, round(paper_critical_n(d)))
-    step = step if step is not None else max(1, round(0.03 * start))
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be a positive int, got {step!r}")
+    known = dict(known or {})
     fits: dict[int, FitResult] = {}
     runs: list[ProbeRun] = []
 
@@ -247,36 +257,42 @@ def probe(d: int, *, k: int = 2, codecs: tuple[str, ...] = (), start: int | None
             fits[n] = fit_free_embeddings(n, d, k=k, seed=seed, max_iters=max_iters, patience=patience)
         return fits[n]
 
-    run = ProbeRun(d, k, "float32", 0)
-
-    def ok(n: int) -> bool:
-        r = float_fit(n)
-        run.trials.append({"n": n, "success": r.success, "accuracy": r.accuracy, "iterations": r.iterations,
-                           "seconds": round(r.seconds, 2)})
+    def outcome(storage: str, n: int, measure: Callable[[], FitResult], run: ProbeRun) -> bool:
+        if (storage, n) in known:
+            o, tag = dict(known[(storage, n)]), "recorded"
+        else:
+            r = measure()
+            o = {"success": r.success, "accuracy": r.accuracy, "iterations": r.iterations,
+                 "seconds": round(r.seconds, 2)}
+            known[(storage, n)], tag = o, f"{o['seconds']:.1f}s"
+            if on_trial:
+                on_trial(storage, n, o)
+        run.trials.append({"n": n, **{key: o[key] for key in ("success", "accuracy", "iterations", "seconds")}})
         if log:
-            log(f"d={d} float32 n={n}: {'ok ' if r.success else 'FAIL'} acc={r.accuracy:.4f} "
-                f"iters={r.iterations} {r.seconds:.1f}s")
-        return r.success
+            log(f"d={d} {storage} n={n}: {'ok ' if o['success'] else 'FAIL'} acc={o['accuracy']:.5f} "
+                f"iters={o['iterations']} {tag}")
+        return bool(o["success"])
 
-    run.critical_n, _ = critical_n(ok, start, step=step, lo_bound=k + 1)
+    run = ProbeRun(d, k, "float32", 0)
+    run.critical_n, _ = critical_n(lambda n: outcome("float32", n, lambda: float_fit(n), run), start, step=step,
+                                   lo_bound=k + 1)
     runs.append(run)
+    if sweep:
+        for n in range(max(k + 1, run.critical_n - 4), run.critical_n + 6):
+            if ("float32", n) not in known:
+                outcome("float32", n, lambda n=n: float_fit(n), run)
     for spec in codecs:
         crun = ProbeRun(d, k, spec, 0)
 
         def cok(n: int, spec: str = spec, crun: ProbeRun = crun) -> bool:
             if n > run.critical_n:  # stored documents are the float ones: no more than float's capacity
                 return False
-            base = float_fit(n)
-            if not base.success:
-                r = base
-            else:
-                r = codec_check(base, spec, k=k, seed=seed, patience=patience)
-            crun.trials.append({"n": n, "success": r.success, "accuracy": r.accuracy, "iterations": r.iterations,
-                                "seconds": round(r.seconds, 2)})
-            if log:
-                log(f"d={d} {spec} n={n}: {'ok ' if r.success else 'FAIL'} acc={r.accuracy:.4f} "
-                    f"iters={r.iterations} {r.seconds:.1f}s")
-            return r.success
+            float_ok = known[("float32", n)]["success"] if ("float32", n) in known else \
+                outcome("float32", n, lambda: float_fit(n), run)
+            if not float_ok:
+                return False  # float32 fails at n: no stored documents to test
+            return outcome(spec, n, lambda: codec_check(float_fit(n), spec, k=k, seed=seed, patience=patience),
+                           crun)
 
         cstart = run.critical_n
         crun.critical_n, _ = critical_n(cok, cstart, step=max(1, round(0.1 * cstart)), lo_bound=k + 1)
@@ -285,18 +301,38 @@ def probe(d: int, *, k: int = 2, codecs: tuple[str, ...] = (), start: int | None
 
 
 def check_at(n: int, d: int, *, k: int = 2, codecs: tuple[str, ...] = (), seed: int = 0, max_iters: int = 100_000,
-             patience: int = 1000, log: Callable[[str], None] | None = None) -> list[dict]:
+             patience: int = 1000, known: Mapping[tuple[str, int], Mapping] | None = None,
+             on_trial: Callable[[str, int, dict], None] | None = None,
+             log: Callable[[str], None] | None = None) -> list[dict]:
     """One n, no search: does float32 express every k-subset of n documents in d dims, and do the codecs
-    still after storing its documents? One record per storage (a point check where a search costs too much)."""
-    base = fit_free_embeddings(n, d, k=k, seed=seed, max_iters=max_iters, patience=patience)
+    still after storing its documents? One outcome per storage (a point check where a search costs too much).
+    ``known`` and ``on_trial`` as in :func:`probe`: the same trials, so a check and a search share records."""
+    known = dict(known or {})
+    base: list[FitResult] = []
+
+    def float_fit() -> FitResult:
+        if not base:
+            base.append(fit_free_embeddings(n, d, k=k, seed=seed, max_iters=max_iters, patience=patience))
+        return base[0]
+
     out = []
-    for spec, r in [("float32", base), *((s, codec_check(base, s, k=k, seed=seed, patience=patience)
-                                         if base.success else base) for s in codecs)]:
-        rec = {"d": d, "k": k, "codec": spec, "n": n, "success": r.success, "accuracy": r.accuracy,
-               "iterations": r.iterations, "seconds": round(r.seconds, 2), "max_iters": max_iters,
-               "patience": patience}
-        out.append(rec)
+    for spec in ("float32", *codecs):
+        if (spec, n) in known:
+            o, tag = dict(known[(spec, n)]), "recorded"
+        else:
+            if spec == "float32":
+                r = float_fit()
+            else:
+                if not out[0]["success"]:
+                    break  # float32 fails at n: no stored documents to test
+                r = codec_check(float_fit(), spec, k=k, seed=seed, patience=patience)
+            o = {"success": r.success, "accuracy": r.accuracy, "iterations": r.iterations,
+                 "seconds": round(r.seconds, 2)}
+            tag = f"{o['seconds']:.1f}s"
+            if on_trial:
+                on_trial(spec, n, o)
+        out.append({"d": d, "k": k, "storage": spec, "n": n, **o})
         if log:
-            log(f"d={d} {spec} n={n}: {'ok ' if r.success else 'FAIL'} acc={r.accuracy:.5f} iters={r.iterations} "
-                f"{r.seconds:.1f}s")
+            log(f"d={d} {spec} n={n}: {'ok ' if o['success'] else 'FAIL'} acc={o['accuracy']:.5f} "
+                f"iters={o['iterations']} {tag}")
     return out
