@@ -224,10 +224,15 @@ def train(
 @app.command()
 def report(out: Annotated[Path, typer.Argument(help="Run folder holding results.jsonl.")]) -> None:
     """Re-render report.md and its figure from the records of a run folder (CTR, vectors or LIMIT probe)."""
-    from embpress.bench.records import run_kind
+    from embpress.bench.records import RESULTS, run_kind
 
     def render():
-        kind = run_kind(out) if out.is_dir() else None
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"{out} is a file, not a run folder (a folder holding {RESULTS})")
+        if not (out / RESULTS).is_file():
+            raise FileNotFoundError(f"{out / RESULTS} not found: run `embpress bench`, `embpress vectors eval` or "
+                                    f"`embpress limit probe` with `--out {out}` first")
+        kind = run_kind(out)
         if kind == "vectors":
             from embpress.bench.vectors_report import render_report
             return render_report(out)
@@ -235,7 +240,7 @@ def report(out: Annotated[Path, typer.Argument(help="Run folder holding results.
             from embpress.bench.limit import write_report as limit_report
             return limit_report(out)
         from embpress.bench.report import write_report
-        return write_report(out)  # CTR, or the error for a missing or empty run folder
+        return write_report(out)  # CTR, or the error for an empty run folder
 
     md, png = _guard(render)
     console.print(f"wrote {md} and {png}", markup=False)

@@ -59,7 +59,7 @@ CASES = [
     ("bench --dim abc --out {d}/r", "Invalid value for '--dim'"),
     ("bench --bogus", "No such option: --bogus"),
     ("report {d}/afile", "is a file, not a run folder"),
-    ("report {d}/missing", "not found: run `embpress bench"),
+    ("report {d}/missing", "not found: run `embpress bench`, `embpress vectors eval` or `embpress limit probe`"),
     ("vectors report {d}/ctr_run", "holds ctr records"),
     ("vectors eval --codecs , --base {d}/base.npy --out {d}/r", "--codecs: empty list"),
     ("vectors eval --codecs sq8,pq7y --base {d}/base.npy --out {d}/r", "unknown or malformed codec spec 'pq7y'"),
