@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from numba import njit
+from torch.autograd.graph import increment_version
 
 COUNT_FACTOR = 8
 """Tables with at most this many rows per looked-up index find the touched rows by counting
@@ -197,4 +198,9 @@ class RowSparseAdam(torch.optim.Optimizer):
                    table, np.uint64(64 - (table.shape[0].bit_length() - 1)), rows, grad,
                    np.float32(1 - beta1), np.float32(1 - beta2), np.float32(eps), np.float32(-step_size),
                    TOUCH_BLOCK)
+        # the kernel wrote through numpy views, which torch does not see: bump the version counters as an
+        # in-place torch op would, so that caches keyed on them (dpq's codes) see the new weights
+        increment_version(p)
+        increment_version(state["exp_avg"])
+        increment_version(state["exp_avg_sq"])
         return True

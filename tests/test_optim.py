@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,35 @@ def test_compiled_step_rejects_rows_outside_the_parameter():
     w.grad = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.ones(2, 2), (5, 2), check_invariants=False)
     with pytest.raises(IndexError, match="outside the parameter"):
         RowSparseAdam([w]).step()
+
+
+def test_compiled_step_bumps_version_counters_so_caches_see_new_weights():
+    """The compiled kernel writes through numpy views; the step must still bump the version
+    counters that caches key on (dpq's codes were served stale from before training otherwise)."""
+    w = torch.nn.Embedding(50, 4, sparse=True)
+    opt = RowSparseAdam(w.parameters(), lr=0.1)
+    w(torch.tensor([1, 2, 2])).sum().backward()
+    before = w.weight._version
+    opt.step()
+    assert w.weight._version > before
+    state = opt.state[w.weight]
+    assert state["exp_avg"]._version > 0 and state["exp_avg_sq"]._version > 0
+
+
+def test_dpq_codes_follow_training_after_an_early_serving_state():
+    """Reading the serving state before training (as ``+int8`` sizing does) must not freeze dpq's codes."""
+    from embpress.tables import Field, build_table
+
+    torch.manual_seed(0)
+    t = build_table("dpq", fields=[Field("a", 200)], dim=8, budget="4x")
+    codes_before = t.serving_arrays()["codes"].copy()
+    opt = RowSparseAdam(t.sparse_parameters(), lr=0.5)
+    t.train()
+    for _ in range(3):
+        t(torch.arange(200).unsqueeze(1)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    t.eval()
+    fresh = t.codes_of(torch.arange(200))
+    assert torch.equal(t.encode_(), fresh)  # the cache agrees with codes computed now
+    assert not np.array_equal(t.serving_arrays()["codes"], codes_before)  # and the codes did change
