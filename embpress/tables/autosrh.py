@@ -93,6 +93,16 @@ def frequency_blocks(fields: Sequence[Field], nsplit: int) -> np.ndarray:
     return bounds
 
 
+
+def block_of_rows(offsets: torch.Tensor, bounds: np.ndarray, total: int, dtype: type) -> torch.Tensor:
+    """The frequency block of every global row: ``bounds[f, b]:bounds[f, b + 1]`` of field ``f``
+    (its ids in frequency order, from ``offsets[f]``) is block ``b``."""
+    block = np.zeros(total, dtype=dtype)
+    for i, off in enumerate(offsets.tolist()):
+        for b in range(bounds.shape[1] - 1):
+            block[off + bounds[i, b]: off + bounds[i, b + 1]] = b
+    return torch.from_numpy(block)
+
 @register_table("autosrh-cols")
 class AutoSrhColumnsTable(CompressedTable):
     """AutoSrh with column pruning (a variant of Kong et al., TKDE 2022): whole (block, dim) columns
@@ -145,11 +155,8 @@ class AutoSrhColumnsTable(CompressedTable):
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
         nn.init.normal_(self.weight.weight, std=INIT_STD)
         self.alpha = nn.Parameter(torch.ones(nsplit, dim), requires_grad=False)  # trained in the search only
-        block = np.zeros(self.total_ids, dtype=np.int64)
-        for i, off in enumerate(self._offsets.tolist()):
-            for b in range(nsplit):
-                block[off + self.bounds_[i, b]: off + self.bounds_[i, b + 1]] = b
-        self.register_buffer("_block", torch.from_numpy(block), persistent=False)
+        self.register_buffer("_block", block_of_rows(self._offsets, self.bounds_, self.total_ids, np.int64),
+                             persistent=False)
         self.register_buffer("kept", self._select(self.salience()))
         self.register_buffer("phase", torch.tensor(0))  # 0 warmup, 1 search, 2 pruned
 
@@ -343,11 +350,8 @@ class AutoSrhTable(CompressedTable):
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
         nn.init.normal_(self.weight.weight, std=INIT_STD)
         self.alpha = nn.Parameter(torch.ones(nsplit, dim), requires_grad=False)  # trained in the search only
-        block = np.zeros(self.total_ids, dtype=np.int16)
-        for i, off in enumerate(self._offsets.tolist()):
-            for b in range(nsplit):
-                block[off + self.bounds_[i, b]: off + self.bounds_[i, b + 1]] = b
-        self.register_buffer("_block", torch.from_numpy(block), persistent=False)
+        self.register_buffer("_block", block_of_rows(self._offsets, self.bounds_, self.total_ids, np.int16),
+                             persistent=False)
         self.register_buffer("mask", torch.ones(self.total_ids, dim, dtype=torch.bool))
         self.register_buffer("phase", torch.tensor(0))  # 0 warmup, 1 search, 2 retrain, 3 pruned
         self._grad_hook = None
