@@ -13,7 +13,6 @@ the smallest larger n that failed; the critical n is exact when they are adjacen
 from __future__ import annotations
 
 import inspect
-import io
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Any
 
 from embpress.bench import records
 from embpress.bench.render import (
+    figure_png,
     group_by_settings,
     label,
     md_table,
@@ -258,11 +258,7 @@ def render_png(recs: Sequence[dict[str, Any]]) -> bytes:
     ax.set_ylabel("critical n (every k-subset a top-k)")
     ax.set_title("LIMIT free-embedding probe")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=120)
 
 
 def write_report(out: str | os.PathLike) -> tuple[Path, Path]:

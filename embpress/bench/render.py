@@ -124,6 +124,19 @@ def set_aside_note(dropped: int) -> list[str]:
             "that a later run of the same trial completed.", ""]
 
 
+
+def figure_png(fig: Any, dpi: int = 110) -> bytes:
+    """A finished matplotlib figure as PNG bytes (laid out, then closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
 def write_report_files(out: str | os.PathLike, kind: str, *, render_markdown: Callable[[list[dict]], str],
                        render_png: Callable[[list[dict]], bytes], producer: str,
                        png_name: str = "pareto.png") -> tuple[Path, Path]:

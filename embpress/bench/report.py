@@ -6,7 +6,6 @@ without re-running anything.
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
 from collections import defaultdict
@@ -17,6 +16,7 @@ from typing import Any
 
 from embpress.bench.records import latest_per_trial
 from embpress.bench.render import (
+    figure_png,
     group_by_settings,
     label,
     md_table,
@@ -399,11 +399,7 @@ def render_pareto(records: Sequence[dict[str, Any]]) -> bytes:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def write_report(out: str | Path) -> tuple[Path, Path]:

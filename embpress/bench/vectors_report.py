@@ -5,7 +5,6 @@ Nothing is re-measured: a report can be re-rendered at any time, for example aft
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from typing import Any
 
 from embpress.bench.records import latest_per_trial
 from embpress.bench.render import (
+    figure_png,
     group_by_settings,
     label,
     md_table,
@@ -206,11 +206,7 @@ def render_pareto_png(records: Sequence[dict[str, Any]]) -> bytes:
         ax.set_title(f"{title} ({rs[0]['metric']})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def render_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
