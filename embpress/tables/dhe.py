@@ -8,7 +8,7 @@ large field and small fields as plain rows, as the VLDB 2024 study builds it) an
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,20 @@ DISTRIBUTIONS = ("uniform", "gaussian")
 BN_EPS = 1e-5
 _TINY = 1e-12
 
+
+
+def largest_width(fits: Callable[[int], bool], done: Callable[[int], bool] = lambda h: False) -> int:
+    """The largest width ``h >= 1`` with ``fits(h)`` (true up to some width, false beyond), 0 if none:
+    doubling, then bisection. A fitting width at which ``done(h)`` holds ends the search there."""
+    lo, hi = 0, 1
+    while fits(hi):
+        if done(hi):
+            return hi
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo) (or lo == 0), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 @register_table("dhe-shared")
 class SharedDeepHashEmbedding(CompressedTable):
@@ -127,13 +141,7 @@ class SharedDeepHashEmbedding(CompressedTable):
         return weights * FP32_BYTES + (2 * k + self.num_fields) * INT64_BYTES
 
     def _largest_hidden(self) -> int:
-        lo, hi = 0, 1
-        while self.fits(self._bytes_for(hi)):
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:  # bytes(lo) fits (or lo == 0), bytes(hi) does not
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.fits(self._bytes_for(mid)) else (lo, mid)
-        return lo
+        return largest_width(lambda h: self.fits(self._bytes_for(h)))
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -371,15 +379,7 @@ class DeepHashEmbedding(CompressedTable):
         """The largest ``H`` whose table fits, 0 if none; past the width at which every field would be
         rows the table no longer changes, so the search stops there."""
         biggest = max(f.num_embeddings for f in self.fields) * self.dim * FP32_BYTES
-        lo, hi = 0, 1
-        while self.fits(self._bytes_for(hi)):
-            if self.network_bytes(hi) >= biggest:
-                return hi
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:  # bytes(lo) fits (or lo == 0), bytes(hi) does not
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.fits(self._bytes_for(mid)) else (lo, mid)
-        return lo
+        return largest_width(lambda h: self.fits(self._bytes_for(h)), done=lambda h: self.network_bytes(h) >= biggest)
 
     # -- lookup -------------------------------------------------------------------------------
 
