@@ -266,10 +266,15 @@ def encode_token_states(texts: Sequence[str], *, model: str | None = None, batch
             np.save(fh, pooled_out, allow_pickle=False)
     lengths = np.array([p.shape[0] for p in parts], dtype=np.int64)  # type: ignore[union-attr]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    vectors = np.concatenate(parts, axis=0)  # type: ignore[arg-type]
-    del parts
+    width = parts[0].shape[1]  # type: ignore[union-attr]
+    # Stream the parts into one .npy (header, then rows) instead of concatenating: peak memory stays
+    # one copy of the token states (6.5 GB for 50k LIMIT documents in float16), not two.
     with atomic_open(vec_path, "wb") as fh:
-        np.save(fh, vectors, allow_pickle=False)
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": (int(offsets[-1]), width)})
+        for i in range(len(parts)):
+            fh.write(np.ascontiguousarray(parts[i]).tobytes())
+            parts[i] = None
     with atomic_open(off_path, "wb") as fh:  # written last: its presence marks a complete cache
         np.save(fh, offsets, allow_pickle=False)
     return TokenStates(np.load(vec_path, mmap_mode="r", allow_pickle=False), offsets)
