@@ -249,7 +249,9 @@ def encode_token_states(texts: Sequence[str], *, model: str | None = None, batch
                              output_value=None if pooled_path is not None else "token_embeddings",
                              convert_to_numpy=False)
             for i, o in zip(idx, outs, strict=True):
-                e = o["token_embeddings"] if pooled_path is not None else o
+                # output_value=None keeps the batch's padding: drop it with the attention mask, as
+                # sentence-transformers does for output_value="token_embeddings".
+                e = o["token_embeddings"][o["attention_mask"].bool()] if pooled_path is not None else o
                 e = e.detach().float().cpu().numpy()
                 if normalize:
                     e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
