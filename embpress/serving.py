@@ -5,8 +5,10 @@ their stored precision into a safetensors file (no pickle, memory-mappable) whos
 a small JSON header: format version, method spec, fields (name, ids), dim, the structure of the
 method's serving spec (the few settings its lookup needs beyond its arrays, e.g. Q-R's
 ``operation``: their values are stored as the ``meta/*`` arrays and counted in ``serving_bytes()``,
-see :func:`embpress.tables.base.spec_arrays`) and a CRC-32 of the array bytes. The file is
-``serving_bytes()`` plus the safetensors header.
+see :func:`embpress.tables.base.spec_arrays`) and a CRC-32 of the array bytes. The arrays' shapes
+are stored too, as ``meta/shapes`` (one int64 per dimension, counted in ``serving_bytes()``; the
+loader checks them against the container's). The file is ``serving_bytes()`` plus the safetensors
+header.
 
 :func:`load` rebuilds an inference-only ``nn.Module`` from those arrays: it holds them as buffers
 (no parameters, no optimizer state, no supernet, no training class) and its lookups equal the
@@ -40,9 +42,10 @@ import torch
 from torch import nn
 
 FORMAT = "embpress-serving"
-VERSION = 2
-READS = (1, 2)
-"""Versions :func:`read` accepts: 1 kept the serving spec in the header, 2 keeps its values in arrays."""
+VERSION = 3
+READS = (1, 2, 3)
+"""Versions :func:`read` accepts: 1 kept the serving spec in the header, 2 keeps its values in arrays,
+3 adds ``meta/shapes`` (the arrays' shapes, counted in ``serving_bytes()``), checked at load."""
 _META_KEY = "embpress"
 _CRC_CHUNK = 1 << 26
 
@@ -145,10 +148,12 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def load(path: str | os.PathLike) -> ServedTable:
     """An inference-only table served from the artifact at ``path`` (see the module docstring)."""
-    from embpress.tables.base import SPEC_INTS, SPEC_TEXT, spec_from_arrays
+    from embpress.tables.base import SPEC_INTS, SPEC_TEXT, check_shapes, spec_from_arrays
 
     header, arrays = read(path)
     method = header["method"]
+    if int(header.get("version", 1)) >= 3:
+        check_shapes(arrays, f"serving artifact {path}")
     cls = served_class(method)
     try:
         if "spec_schema" in header:

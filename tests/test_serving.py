@@ -12,7 +12,7 @@ import torch
 from embpress import serving
 from embpress.models import build_model
 from embpress.tables import Field, Ratio, build_table, registered_tables, table_class
-from embpress.tables.base import spec_arrays, spec_bytes, spec_from_arrays, spec_schema, state_nbytes
+from embpress.tables.base import SPEC_SHAPES, spec_arrays, spec_bytes, spec_from_arrays, spec_schema, state_nbytes
 from embpress.train import TrainConfig, train
 
 QUANTIZED = ["hash+int8", "qr+int8", "unified+int16", "robe+int8"]
@@ -53,9 +53,14 @@ def test_artifact_after_all_stages(method, tiny_ctr, tmp_path):
     assert _served_base(method) in serving.served_methods()
     served = serving.load(path)
     assert served.serving_bytes() == table.serving_bytes()
-    # the metadata is counted: the spec's values are stored as arrays, and the loader reads them back
+    # the metadata is counted: the spec's values and the arrays' shapes are stored as arrays, and the
+    # loader reads them back
     spec = table.serving_spec()
-    assert table.serving_bytes() == table.array_bytes() + spec_bytes(spec)
+    arrays = table.serving_arrays()
+    ndims = sum(a.ndim for a in arrays.values())
+    assert table.array_ndims() == ndims
+    assert table.serving_bytes() == table.array_bytes() + spec_bytes(spec) + 8 * ndims
+    assert state[SPEC_SHAPES].tolist() == [d for k in sorted(arrays) for d in arrays[k].shape]
     assert served.spec == json.loads(json.dumps(spec))
     assert not list(served.parameters()), "a served table holds buffers only"
     ids = torch.from_numpy(np.asarray(tiny_ctr.test.sparse[:512], dtype=np.int64))

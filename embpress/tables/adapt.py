@@ -10,6 +10,7 @@ from torch import nn
 
 from embpress.tables.base import (
     FP32_BYTES,
+    INT64_BYTES,
     Budget,
     CompressedTable,
     Field,
@@ -20,7 +21,6 @@ from embpress.tables.full import INIT_STD
 from embpress.tables.hashing import hash_coefficients, rows_within_budget, universal_hash
 
 INT32_BYTES = 4
-INT64_BYTES = 8
 PER_FIELD_INTS = 4
 """Per field, int64: hash a, hash b, shared row count, promoted id count."""
 

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 FP32_BYTES = 4
+INT64_BYTES = 8
+"""Bytes of one int64 word (metadata: spec numbers, array shapes)."""
 
 
 class BudgetError(ValueError):
@@ -396,14 +398,24 @@ class CompressedTable(nn.Module):
         raise NotImplementedError
 
     def serving_bytes(self) -> int:
-        """Every byte a server holds: the arrays (:meth:`array_bytes`) and the small metadata of
-        :meth:`serving_spec` (:func:`spec_bytes`), counted the same way for every method."""
-        return self.array_bytes() + spec_bytes(self.serving_spec())
+        """Every byte a server holds: the arrays (:meth:`array_bytes`), the small metadata of
+        :meth:`serving_spec` (:func:`spec_bytes`) and the arrays' shapes (:meth:`array_ndims` int64
+        words), counted the same way for every method."""
+        return self.array_bytes() + spec_bytes(self.serving_spec()) + INT64_BYTES * self.array_ndims()
 
     def serving_state(self) -> dict[str, np.ndarray]:
-        """What a server stores, at stored precision: the method's arrays (:meth:`serving_arrays`)
-        and its metadata arrays (:func:`spec_arrays`); :meth:`save_serving` writes exactly these."""
-        return {**self.serving_arrays(), **spec_arrays(self.serving_spec())}
+        """What a server stores, at stored precision: the method's arrays (:meth:`serving_arrays`),
+        its metadata arrays (:func:`spec_arrays`) and their shapes (:func:`shape_arrays`);
+        :meth:`save_serving` writes exactly these."""
+        arrays = self.serving_arrays()
+        return {**arrays, **spec_arrays(self.serving_spec()), **shape_arrays(arrays)}
+
+    def array_ndims(self) -> int:
+        """How many dimensions the serving arrays have in all: each is one int64 word of the
+        ``meta/shapes`` array (a TT table's core shapes hold its ranks, a CSR table's its row
+        count). The default counts them on :meth:`serving_arrays`; a table whose arrays are costly
+        to build may answer analytically (the contract suite checks it against the arrays)."""
+        return sum(np.ndim(a) for a in self.serving_arrays().values())
 
     def array_bytes(self) -> int:  # pragma: no cover - abstract
         """Bytes of :meth:`serving_arrays`, analytic (without building them)."""
@@ -509,10 +521,11 @@ class CompressedTable(nn.Module):
         """Field-local ``[N, F]`` ids to ids in one concatenated id space."""
         return ids + self._offsets
 
-    def reserve_metadata(self, spec: dict[str, Any]) -> None:
+    def reserve_metadata(self, spec: dict[str, Any], *, ndims: int = 0) -> None:
         """Set aside the bytes of a serving spec like ``spec`` (:func:`spec_bytes`: fixed by its
-        structure and strings, not by its numbers) before sizing the arrays to :attr:`array_budget`."""
-        self.metadata_reserve = spec_bytes(spec)
+        structure and strings, not by its numbers) and of ``ndims`` shape words (the serving arrays'
+        dimensions) before sizing the arrays to :attr:`array_budget`."""
+        self.metadata_reserve = spec_bytes(spec) + INT64_BYTES * ndims
 
     @property
     def array_budget(self) -> int:
@@ -588,6 +601,33 @@ def spec_arrays(spec: dict[str, Any]) -> dict[str, np.ndarray]:
     if text:
         out[SPEC_TEXT] = np.frombuffer(bytes(text), dtype=np.uint8).copy()
     return out
+
+
+SPEC_SHAPES = "meta/shapes"
+"""Name of the shapes array: every dimension of every serving array, arrays in name order."""
+
+
+def shape_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The serving arrays' shapes as stored: ``meta/shapes`` (int64), the dimensions of each array
+    in name order; left out when there are none. A server needs them to read the arrays, so they
+    count in ``serving_bytes()`` like the spec's numbers.
+
+    >>> shape_arrays({"b": np.zeros(3), "a": np.zeros((2, 4))})["meta/shapes"].tolist()
+    [2, 4, 3]
+    """
+    words = [int(d) for k in sorted(arrays) for d in np.shape(arrays[k])]
+    return {SPEC_SHAPES: np.asarray(words, dtype=np.int64)} if words else {}
+
+
+def check_shapes(arrays: dict[str, Any], where: str) -> None:
+    """Raise ValueError unless ``meta/shapes`` in ``arrays`` lists the other arrays' shapes."""
+    body = {k: v for k, v in arrays.items() if not k.startswith("meta/")}
+    want = [int(d) for k in sorted(body) for d in tuple(body[k].shape)]
+    got = arrays.get(SPEC_SHAPES)
+    got = [] if got is None else [int(v) for v in np.asarray(got).reshape(-1).tolist()]
+    if got != want:
+        raise ValueError(f"{where}: {SPEC_SHAPES} lists {got[:8]}{'...' if len(got) > 8 else ''} but the "
+                         f"arrays' shapes are {want[:8]}{'...' if len(want) > 8 else ''}")
 
 
 def spec_bytes(spec: dict[str, Any]) -> int:

@@ -10,6 +10,7 @@ from torch import nn
 
 from embpress.tables.base import (
     FP32_BYTES,
+    INT64_BYTES,
     Budget,
     CompressedTable,
     Field,
@@ -19,7 +20,6 @@ from embpress.tables.base import (
 from embpress.tables.full import INIT_STD
 from embpress.tables.hashing import hash_coefficients, rows_within_budget, universal_hash
 
-INT64_BYTES = 8
 PER_FIELD_INTS = 6
 """Per field, int64: two (a, b) hash pairs, the hashed row count and the frequent id count."""
 
@@ -74,7 +74,9 @@ class DoubleHashTable(CompressedTable):
         sizes = [f.num_embeddings for f in self.fields]
         self.frequent: list[int] = []
         self.hashed: list[int] = []
-        rows = rows_within_budget("dhash", sizes, row_bytes=dim * FP32_BYTES, max_bytes=self.max_bytes,
+        # shapes: frequent/hashed weight [rows, D], hash_a/hash_b [F, 2], num_frequent, hashed_rows [F]
+        self.reserve_metadata({}, ndims=10)
+        rows = rows_within_budget("dhash", sizes, row_bytes=dim * FP32_BYTES, max_bytes=self.array_budget,
                                   overhead=PER_FIELD_INTS * INT64_BYTES * self.num_fields)
         for n, r in zip(sizes, rows, strict=True):
             if r >= n:  # the whole field fits: one row per id, nothing hashed

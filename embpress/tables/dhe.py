@@ -16,6 +16,7 @@ from torch import nn
 
 from embpress.tables.base import (
     FP32_BYTES,
+    INT64_BYTES,
     Budget,
     BudgetError,
     CompressedTable,
@@ -26,7 +27,6 @@ from embpress.tables.base import (
 from embpress.tables.full import INIT_STD
 from embpress.tables.hashing import PRIME, hash_coefficients, universal_hash
 
-INT64_BYTES = 8
 DISTRIBUTIONS = ("uniform", "gaussian")
 BN_EPS = 1e-5
 _TINY = 1e-12

@@ -23,6 +23,10 @@ HASH_PARAM_BYTES = 3 * 8
 """Per field: hash coefficients a, b and the bucket count, int64 each."""
 
 
+SERVING_NDIMS = 5
+"""Shape words of the serving arrays: weight [rows, D], hash_a, hash_b, buckets [F]."""
+
+
 @register_table("hash")
 class HashTable(CompressedTable):
     """Hashing trick, per field: ``row = h_f(id) mod m_f`` (Weinberger et al. 2009, arXiv:0902.2206).
@@ -43,8 +47,9 @@ class HashTable(CompressedTable):
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, hash_seed: int = 0) -> None:
         super().__init__(fields=fields, dim=dim, budget=budget)
         self.hash_seed = hash_seed
+        self.reserve_metadata({}, ndims=SERVING_NDIMS)
         self.rows = rows_within_budget("hash", [f.num_embeddings for f in self.fields], row_bytes=dim * FP32_BYTES,
-                                       max_bytes=self.max_bytes, overhead=HASH_PARAM_BYTES * self.num_fields)
+                                       max_bytes=self.array_budget, overhead=HASH_PARAM_BYTES * self.num_fields)
         a, b = hash_coefficients(self.num_fields, hash_seed)
         rows = torch.tensor(self.rows, dtype=torch.long)
         hashed = torch.tensor([r < f.num_embeddings for r, f in zip(self.rows, self.fields, strict=True)])

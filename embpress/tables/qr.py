@@ -249,7 +249,9 @@ class QRTable(CompressedTable):
         self.operation = operation
         self.max_partitions = max_partitions
         sizes = [f.num_embeddings for f in self.fields]
-        self.reserve_metadata({"operation": operation})
+        # shapes, at most: weight_r/weight_q, weight_full, k tables per k-partition plan, moduli/radices
+        self.reserve_metadata({"operation": operation},
+                              ndims=2 * (2 + 1 + sum(range(3, max_partitions + 1)) + 1))
         try:
             self.moduli = plan_moduli(sizes, dim, operation, self.array_budget)
             self.radices = [(-(-n // m), m) if m else () for n, m in zip(sizes, self.moduli, strict=True)]

@@ -25,6 +25,7 @@ from torch import nn
 
 from embpress.tables.base import (
     FP32_BYTES,
+    INT64_BYTES,
     Budget,
     BudgetError,
     CompressedTable,
@@ -129,6 +130,14 @@ def quantized_bytes(table: CompressedTable, suffix: str) -> int:
     return int(other + total)
 
 
+def quantized_ndims(table: CompressedTable) -> int:
+    """Shape words (:meth:`CompressedTable.array_ndims`) of ``table``'s serving arrays once quantized:
+    its non-float arrays as they are, and per float array ``codes [rows, cols]``, ``scale [rows]`` and
+    ``offset [rows]``."""
+    state = table.serving_arrays()
+    return sum(np.ndim(v) if not _is_float(v) else 4 for v in state.values())
+
+
 def state_quantized_bound(table: CompressedTable, suffix: str) -> int:
     """The most a table that does not serve its parameters as stored may need once quantized, if its
     stages fill its own budget with float arrays: its non-float bytes now, the rest of its budget at
@@ -229,6 +238,7 @@ class PostTrainingQuantized(CompressedTable):
             else:  # its stages may reshape what it serves: size it for the worst case
                 nbytes = state_quantized_bound(table, self.suffix)
             nbytes += spec_bytes(self._spec_for(table, by_state))  # the metadata: inner spec, shapes
+            nbytes += INT64_BYTES * quantized_ndims(table)  # the quantized arrays' own shapes
             if nbytes <= self.max_bytes:
                 self.inner_budget = None if cls.reference else max(1, int(inner_budget))
                 return table
@@ -267,7 +277,7 @@ class PostTrainingQuantized(CompressedTable):
         code_bytes = np.dtype(self.code_dtype).itemsize
         floats = {k: np.asarray(v) for k, v in state.items() if _is_float(v)}
         used = sum(np.asarray(v).nbytes for v in state.values() if not _is_float(v))
-        used += spec_bytes(self.serving_spec())  # the metadata
+        used += spec_bytes(self.serving_spec()) + INT64_BYTES * quantized_ndims(self.inner)  # the metadata
         used += sum(v.size * code_bytes + ROW_QPARAM_BYTES for v in floats.values())  # all per tensor
         shape = {k: (1, v.size) for k, v in floats.items()}
         for k in sorted(floats, key=lambda k: (-floats[k].size, k)):

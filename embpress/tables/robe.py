@@ -10,6 +10,7 @@ from torch import nn
 
 from embpress.tables.base import (
     FP32_BYTES,
+    INT64_BYTES,
     Budget,
     BudgetError,
     CompressedTable,
@@ -20,7 +21,6 @@ from embpress.tables.base import (
 from embpress.tables.full import INIT_STD
 from embpress.tables.hashing import PRIME, hash_coefficients, universal_hash
 
-INT64_BYTES = 8
 SIGNS_PER_HASH = 16
 """Sign bits taken from one hash value (its low 16 bits)."""
 

@@ -103,8 +103,11 @@ class SemanticIdTable(CompressedTable):
             raise ValueError(f"{self.method}: no field carries content vectors, so there is nothing to build "
                              f"semantic IDs from; give the item field Field(content=float32[num_embeddings, C]) "
                              f"(e.g. embpress.data.recbole.with_content) or use 'hash'")
+        # shapes, at most: weight [R, D], hash_a/hash_b/buckets [F]; per content field codes, book [K, D],
+        # ids [R, D] and gate
         self.reserve_metadata({"levels": 0, "codes": 0, "ngram": 0,
-                               "content_fields": [self.fields[j].name for j in self.content_fields]})
+                               "content_fields": [self.fields[j].name for j in self.content_fields]},
+                              ndims=5 + 6 * len(self.content_fields))
         self.codes_, rows, self.id_rows_ = self._size()
         self.rows = rows
         f_count = self.num_fields

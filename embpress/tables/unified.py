@@ -72,12 +72,14 @@ class UnifiedTable(CompressedTable):
         self.hash_seed = hash_seed
         self.chunk_dim = dim // self.chunks
         overhead = SALT_BYTES * self.num_fields * self.chunks + BUCKET_BYTES
+        self.reserve_metadata({}, ndims=7)  # shapes: weight [B, D/c], hash_a/hash_b [F, c], buckets [1]
         row_bytes = self.chunk_dim * FP32_BYTES
-        buckets = (self.max_bytes - overhead) // row_bytes
+        buckets = (self.array_budget - overhead) // row_bytes
         if buckets < 1:
             raise BudgetError(
                 f"unified: one shared row plus {self.num_fields * self.chunks} hash salts need "
-                f"{row_bytes + overhead:,} bytes but the budget allows {self.max_bytes:,}"
+                f"{row_bytes + overhead + self.metadata_reserve:,} bytes with their metadata but the budget "
+                f"allows {self.max_bytes:,}"
             )
         self.buckets = int(min(buckets, PRIME - 1))
         a, b = hash_coefficients(self.num_fields * self.chunks, hash_seed)
