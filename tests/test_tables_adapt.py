@@ -64,7 +64,8 @@ def test_budget_counts_the_remap(small_fields):
     t = build_table("adapt", fields=small_fields, dim=8, budget=Ratio(6))
     hashed_promoted = sum(k for k, m in zip(t.capacity, t.shared_rows, strict=True) if m > 0)
     rows = sum(t.capacity) + sum(t.shared_rows)
-    assert t.serving_bytes() == rows * 32 + hashed_promoted * 4 + 4 * 8 * 3 <= t.full_bytes // 6
+    shapes = 8 * 9  # meta/shapes: weights [rows, D] x 2, promoted_ids and four per-field arrays
+    assert t.serving_bytes() == rows * 32 + hashed_promoted * 4 + 4 * 8 * 3 + shapes <= t.full_bytes // 6
     assert (t.capacity[0], t.shared_rows[0]) == (7, 0)          # the small field is stored whole
     # frequent_fraction of a hashed field's bytes buys exclusive rows at 4 * D + 4 bytes each
     field_bytes = (t.capacity[2] * 36 + t.shared_rows[2] * 32)

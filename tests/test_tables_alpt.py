@@ -19,18 +19,19 @@ def _fields() -> list[Field]:
     return [Field("a", 40), Field("b", 500)]
 
 
-@pytest.mark.parametrize("ratio, bits", [(2.0, 8), (2.7, 7), (3.99, 4), (4.0, 3), (5.3, 2)])
+@pytest.mark.parametrize("ratio, bits", [(2.0, 8), (2.7, 7), (3.97, 4), (3.98, 3), (5.29, 2)])
 def test_budget_picks_bits(ratio, bits):
     t = build_table("alpt", fields=_fields(), dim=8, budget=Ratio(ratio))
     assert t.bits_ == bits
     n = 540
-    # codes, step sizes and the bit width (8 bytes of metadata: at ratio 4.0 the 4-bit codes no longer fit)
-    assert t.serving_bytes() == (n * 8 * bits + 7) // 8 + 4 * n + 8 == state_nbytes(t.serving_state())
+    # codes, step sizes, the bit width and the two arrays' lengths (24 bytes of metadata: at ratio 4.0
+    # the 4-bit codes no longer fit)
+    assert t.serving_bytes() == (n * 8 * bits + 7) // 8 + 4 * n + 8 + 16 == state_nbytes(t.serving_state())
     assert t.serving_bytes() <= t.max_bytes
 
 
 def test_budget_errors_name_the_max_ratio():
-    with pytest.raises(BudgetError, match=r"at most ratio 5\.33 at dim 8 with 2-bit"):
+    with pytest.raises(BudgetError, match=r"at most ratio 5\.29 at dim 8 with 2-bit"):
         build_table("alpt", fields=_fields(), dim=8, budget=Ratio(6))
     with pytest.raises(BudgetError, match="8-bit codes"):
         build_table("alpt", fields=_fields(), dim=8, budget=Ratio(4), bits=8)

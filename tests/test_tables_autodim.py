@@ -24,7 +24,7 @@ def _table(ratio: float = 4, **kw) -> AutoDimTable:
 
 
 def _field_bytes(n: int, d: int, dim: int = 8) -> int:
-    return 4 * (n * d + d * dim + dim)
+    return 4 * (n * d + d * dim + dim) + 8 * 5  # rows, map and bias; their five shape words
 
 
 def test_default_candidates():

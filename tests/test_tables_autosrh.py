@@ -46,7 +46,7 @@ def test_selection_fits_the_budget_and_follows_salience():
     sal[5, 3] = 10.0  # the rarest block's dim 3 is most salient
     kept = t._select(sal).numpy()
     assert kept[5, 3]
-    cost = lambda k: t._bytes(k)  # noqa: E731
+    cost = lambda k: t._bytes(k) + 8 * (4 + 2 * 6)  # noqa: E731  (the arrays and their shape words)
     assert cost(kept) <= t.max_bytes
     for b, d in zip(*np.nonzero(~kept), strict=True):  # nothing left out would still fit
         more = kept.copy()
@@ -106,11 +106,12 @@ def test_budget_without_a_column_for_the_most_frequent_block_is_unreachable():
     rare_only[1, 0] = True
     frequent = np.zeros((2, 8), dtype=bool)
     frequent[0, 0] = True
-    budget = probe._bytes(rare_only)
-    assert budget < probe._bytes(frequent)
+    shapes = 8 * (4 + 2 * 2)  # meta/shapes: bounds [F, 3], col_ptr, cols, values/0 and values/1 [rows, k]
+    budget = probe._bytes(rare_only) + shapes
+    assert budget < probe._bytes(frequent) + shapes
     with pytest.raises(BudgetError, match="most frequent block"):
         build_table("autosrh-cols", fields=fields, dim=8, budget=budget, nsplit=2)
-    ok = build_table("autosrh-cols", fields=fields, dim=8, budget=probe._bytes(frequent), nsplit=2)
+    ok = build_table("autosrh-cols", fields=fields, dim=8, budget=probe._bytes(frequent) + shapes, nsplit=2)
     assert ok.serving_bytes() <= ok.max_bytes
 
 
@@ -158,7 +159,7 @@ def test_alpha_moves_in_the_search_with_the_head_fixed_then_csr_at_the_target_nn
     assert float(kept.min()) >= float(scaled.abs()[~t.mask].max())
     state = t.serving_state()
     assert state["values"].size == t.nnz_ and state["indices"].dtype == np.uint8
-    assert t.serving_bytes() == state_nbytes(state) == csr_bytes(t.total_ids, 8, t.nnz_) <= t.max_bytes
+    assert t.serving_bytes() == state_nbytes(state) == csr_bytes(t.total_ids, 8, t.nnz_) + 8 * 4 <= t.max_bytes
     t.eval()
     ids = torch.tensor([[0, 0], [5, 19], [19, 3]])
     rows = (ids + t._offsets).reshape(-1).numpy()

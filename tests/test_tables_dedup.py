@@ -35,7 +35,7 @@ def test_bytes_arithmetic(small_fields, block_rows, ratio):
     r, b, m = t.block_rows_, t.num_blocks, t.unique_blocks
     assert b == -(-5307 // r)
     block = r * 8 * FP32_BYTES
-    meta = 8  # block_rows, the serving spec's one number
+    meta = 8 + 8 * 3  # block_rows, the serving spec's one number; the shapes of blocks [M * R, D] and remap [B]
     assert t.serving_bytes() == m * block + b * REMAP_BYTES + meta <= t.max_bytes
     assert m == b or (m + 1) * block + b * REMAP_BYTES + meta > t.max_bytes  # the most unique blocks that fit
     assert t.serving_bytes() == state_nbytes(t.serving_state())  # before deduplication: what it would export
@@ -49,7 +49,7 @@ def test_bytes_arithmetic(small_fields, block_rows, ratio):
 def test_auto_block_rows_keeps_remap_within_a_quarter(small_fields):
     for ratio in (2, 4, 8, 16):
         t = _table(small_fields, budget=Ratio(ratio))
-        assert t.num_blocks * REMAP_BYTES * 4 <= t.array_budget  # the budget less 8 bytes of metadata
+        assert t.num_blocks * REMAP_BYTES * 4 <= t.array_budget  # the budget less 32 bytes of metadata
         if t.block_rows_ > 1:  # and it is the smallest power of two that does so
             assert -(-5307 // (t.block_rows_ // 2)) * REMAP_BYTES * 4 > t.array_budget
 

@@ -42,12 +42,13 @@ def test_serving_state_reproduces_forward(small_fields, blocks, signs):
 def test_budget_arithmetic(small_fields):
     t = build_table("robe", fields=small_fields, dim=8, budget=Ratio(4))
     coeffs = 2 * 8 * len(small_fields) * (1 + 1)          # (a, b) per (field, block) and per (field, 16 signs)
-    assert t.array_size == (t.full_bytes // 4 - coeffs) // 4 // 8 * 8  # whole chunks of L = 8 floats
-    assert t.serving_bytes() == t.array_size * 4 + coeffs <= t.full_bytes // 4
+    shapes = 8 * 9  # meta/shapes: array [S] and four [F, n] coefficient arrays
+    assert t.array_size == (t.full_bytes // 4 - coeffs - shapes) // 4 // 8 * 8  # whole chunks of L = 8 floats
+    assert t.serving_bytes() == t.array_size * 4 + coeffs + shapes <= t.full_bytes // 4
     no_signs = build_table("robe", fields=small_fields, dim=8, budget=Ratio(4), signs=False)
-    assert no_signs.array_size == (t.full_bytes // 4 - 2 * 8 * len(small_fields)) // 4 // 8 * 8
+    assert no_signs.array_size == (t.full_bytes // 4 - 2 * 8 * len(small_fields) - 8 * 5) // 4 // 8 * 8
     z4 = build_table("robe", fields=small_fields, dim=8, budget=Ratio(4), blocks=4)  # chunks of L = 2 floats
-    assert z4.array_size == (t.full_bytes // 4 - 2 * 8 * len(small_fields) * (4 + 1)) // 4 // 2 * 2
+    assert z4.array_size == (t.full_bytes // 4 - 2 * 8 * len(small_fields) * (4 + 1) - shapes) // 4 // 2 * 2
 
 
 def test_blocks_wrap_around_the_end_of_the_array(small_fields):

@@ -89,7 +89,9 @@ class AdaptiveEmbedding(CompressedTable):
         sizes = [f.num_embeddings for f in self.fields]
         self.capacity: list[int] = []
         self.shared_rows: list[int] = []
-        rows = rows_within_budget("adapt", sizes, row_bytes=row_bytes, max_bytes=self.max_bytes,
+        # shapes: exclusive/shared weight [rows, D], promoted_ids, num_promoted, shared_rows, hash_a, hash_b
+        self.reserve_metadata({}, ndims=9)
+        rows = rows_within_budget("adapt", sizes, row_bytes=row_bytes, max_bytes=self.array_budget,
                                   overhead=PER_FIELD_INTS * INT64_BYTES * self.num_fields)
         for n, r in zip(sizes, rows, strict=True):
             if r >= n:

@@ -126,17 +126,18 @@ class ALPTTable(CompressedTable):
         if init_step is not None and not init_step > 0:
             raise ValueError(f"alpt: init_step must be positive, got {init_step!r}")
         self.bits, self.lr, self.optimizer, self.init_step, self.seed = bits, lr, optimizer, init_step, seed
-        self.reserve_metadata({"bits": 0})
+        self.reserve_metadata({"bits": 0}, ndims=2)  # shapes: packed codes, step [rows]
         for b in (bits,) if bits is not None else AUTO_BITS:
             if self.fits(self._bytes(b)):
                 self.bits_ = b
                 break
         else:
             b = bits if bits is not None else AUTO_BITS[-1]
+            need = self._bytes(b) + self.metadata_reserve
             raise BudgetError(
-                f"alpt: {self.total_ids:,} rows of {b}-bit codes and an fp32 step size need {self._bytes(b):,} "
-                f"bytes but the budget allows {self.max_bytes:,}: alpt reaches at most ratio "
-                f"{self.full_bytes / self._bytes(b):.2f} at dim {dim} with {b}-bit codes"
+                f"alpt: {self.total_ids:,} rows of {b}-bit codes and an fp32 step size need {need:,} "
+                f"bytes with their metadata but the budget allows {self.max_bytes:,}: alpt reaches at most "
+                f"ratio {self.full_bytes / need:.2f} at dim {dim} with {b}-bit codes"
             )
         self.q_n, self.q_p = 2 ** (self.bits_ - 1), 2 ** (self.bits_ - 1) - 1
         self._gen = torch.Generator().manual_seed(seed)

@@ -146,6 +146,7 @@ class AutoDimTable(CompressedTable):
         n = np.array([f.num_embeddings for f in self.fields], dtype=np.int64)[:, None]
         c = np.array(self.candidates_, dtype=np.int64)[None, :]
         self._field_bytes = FP32_BYTES * (n * c + c * dim + dim)  # [F, C]
+        self.reserve_metadata({}, ndims=5 * self.num_fields)  # shapes: per field weight, proj [d, D], bias
         self.require_fit(int(self._field_bytes[:, 0].sum()),
                          f"every field at the smallest candidate dim {self.candidates_[0]} (rows, map and bias)")
 

@@ -47,6 +47,7 @@ from embpress.tables.base import (
 )
 from embpress.tables.full import INIT_STD
 from embpress.tables.sparse_storage import (
+    CSR_NDIMS,
     FP32_BYTES,
     block_columns_bytes,
     block_columns_encode,
@@ -139,17 +140,19 @@ class AutoSrhColumnsTable(CompressedTable):
         self.bounds_ = frequency_blocks(self.fields, nsplit)
         self.block_rows_ = (self.bounds_[:, 1:] - self.bounds_[:, :-1]).sum(0)  # [nsplit]
         self._max_id = max(f.num_embeddings for f in self.fields)
+        self.reserve_metadata({}, ndims=4 + 2 * nsplit)  # shapes: bounds [F, B+1], col_ptr, cols, values/<b>
         empty = self._bytes(np.zeros((nsplit, dim), dtype=bool))
         first = int(np.flatnonzero(self.block_rows_)[0])  # the most frequent non-empty block
         one_col = np.zeros((nsplit, dim), dtype=bool)
         one_col[first, 0] = True
-        if self._bytes(one_col) > self.max_bytes:
+        if self._bytes(one_col) > self.array_budget:
             # Without one column for the most frequent ids every id but a few rare ties is a zero vector:
             # the table would "meet" the budget by serving nothing, so the budget is out of reach.
             raise BudgetError(
                 f"{self.method}: the block layout ({nsplit} blocks) needs {empty:,} bytes before any column, and one "
                 f"column of the most frequent block ({int(self.block_rows_[first]):,} rows) "
-                f"{self._bytes(one_col) - empty:,} more, but the budget allows {self.max_bytes:,} "
+                f"{self._bytes(one_col) - empty:,} more, but the budget allows {self.array_budget:,} besides "
+                f"{self.metadata_reserve} bytes of metadata "
                 f"(full table {self.full_bytes:,} bytes, budget {self.budget})"
             )
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
@@ -182,11 +185,11 @@ class AutoSrhColumnsTable(CompressedTable):
             if self.block_rows_[b] == 0:
                 continue
             # a column costs its values and its index (pointer dtypes may widen: recheck exactly)
-            if used + int(self.block_rows_[b]) * FP32_BYTES + col_bytes > self.max_bytes:
+            if used + int(self.block_rows_[b]) * FP32_BYTES + col_bytes > self.array_budget:
                 continue
             kept[b, d] = True
             exact = self._bytes(kept)
-            if exact > self.max_bytes:
+            if exact > self.array_budget:
                 kept[b, d] = False
                 continue
             used = exact
@@ -344,7 +347,8 @@ class AutoSrhTable(CompressedTable):
                 raise ValueError(f"autosrh: {name} must be an int >= 0 or None, got {v!r}")
         self.nsplit, self.l1, self.alpha_lr = nsplit, l1, alpha_lr
         self.warmup_epochs, self.search_epochs, self.retrain_epochs = warmup_epochs, search_epochs, retrain_epochs
-        self.nnz_ = csr_nonzeros_at_budget("autosrh", self.total_ids, dim, self.max_bytes)
+        self.reserve_metadata({}, ndims=CSR_NDIMS)
+        self.nnz_ = csr_nonzeros_at_budget("autosrh", self.total_ids, dim, self.array_budget)
         self.bounds_ = frequency_blocks(self.fields, nsplit)
         self.block_rows_ = (self.bounds_[:, 1:] - self.bounds_[:, :-1]).sum(0)  # [nsplit]
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)

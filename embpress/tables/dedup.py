@@ -99,7 +99,7 @@ class DedupTable(CompressedTable):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"dedup: {name} must be a positive int, got {v!r}")
 
-        self.reserve_metadata({"block_rows": 0})
+        self.reserve_metadata({"block_rows": 0}, ndims=3)  # shapes: blocks [M * R, D], remap [B]
         n = self.total_ids
         r = block_rows if block_rows is not None else self._auto_block_rows()
         b = math.ceil(n / r)

@@ -38,7 +38,7 @@ from embpress.tables.base import (
     register_table,
 )
 from embpress.tables.full import INIT_STD
-from embpress.tables.sparse_storage import csr_bytes, csr_encode, csr_nonzeros_at_budget, keep_top
+from embpress.tables.sparse_storage import CSR_NDIMS, csr_bytes, csr_encode, csr_nonzeros_at_budget, keep_top
 
 SCHEDULES = ("polynomial", "exponential")
 DAMPING = 0.99
@@ -80,7 +80,8 @@ class DeepLightTable(CompressedTable):
             raise ValueError(f"deeplight: prune_every must be an int >= 1, got {prune_every!r}")
         self.warmup_epochs, self.prune_epochs, self.finetune_epochs = warmup_epochs, prune_epochs, finetune_epochs
         self.prune_every, self.schedule = prune_every, schedule
-        self.nnz_ = nnz = csr_nonzeros_at_budget("deeplight", self.total_ids, dim, self.max_bytes)
+        self.reserve_metadata({}, ndims=CSR_NDIMS)
+        self.nnz_ = nnz = csr_nonzeros_at_budget("deeplight", self.total_ids, dim, self.array_budget)
         self.target_sparsity_ = 1.0 - nnz / (self.total_ids * dim)
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)
         nn.init.normal_(self.weight.weight, std=INIT_STD)

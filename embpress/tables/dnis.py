@@ -137,6 +137,7 @@ class DNISTable(CompressedTable):
         block_end = np.array(ends, dtype=np.int64)
         self._rows = np.diff(np.concatenate([[0], block_end]))
         self._overhead = -(-self.num_blocks * dim // 8) + BLOCK_END_BYTES * self.num_blocks
+        self.reserve_metadata({}, ndims=3)  # shapes: values, kept, block_end
         self.require_fit(self._overhead + int(self._rows[firsts].sum()) * FP32_BYTES,
                          f"the keep mask and bounds of {self.num_blocks} blocks plus one column of each "
                          f"field's most frequent block")
@@ -159,7 +160,7 @@ class DNISTable(CompressedTable):
         if bool(self.pruned):
             return self.mask.numpy()
         return select_entries(self.salience().numpy().astype(np.float64), self._rows,
-                              self.max_bytes - self._overhead, self._first_blocks)
+                              self.array_budget - self._overhead, self._first_blocks)
 
     @torch.no_grad()
     def salience(self) -> torch.Tensor:

@@ -40,7 +40,7 @@ from embpress.tables.base import (
     register_table,
 )
 from embpress.tables.full import INIT_STD
-from embpress.tables.sparse_storage import csr_bytes, csr_encode, csr_nonzeros_at_budget, keep_top
+from embpress.tables.sparse_storage import CSR_NDIMS, csr_bytes, csr_encode, csr_nonzeros_at_budget, keep_top
 
 GRANULARITIES = ("global", "dim", "field", "field_dim", "feature", "feature_dim")
 """Threshold shapes of the reference code: one, per dim, per field, per (field, dim), per id, per (id, dim)."""
@@ -56,7 +56,8 @@ class _PrunedTable(CompressedTable):
             if v is not None and (not isinstance(v, int) or v < 0):
                 raise ValueError(f"{self.method}: {name} must be an int >= 0 or None, got {v!r}")
         self.search_epochs, self.retrain_epochs = search_epochs, retrain_epochs
-        self.nnz_ = csr_nonzeros_at_budget(self.method, self.total_ids, self.dim, self.max_bytes)
+        self.reserve_metadata({}, ndims=CSR_NDIMS)
+        self.nnz_ = csr_nonzeros_at_budget(self.method, self.total_ids, self.dim, self.array_budget)
         self.weight = nn.Embedding(self.total_ids, self.dim, sparse=True)
         self._init_rng = torch.get_rng_state()  # to redraw the initial values for the retrain stage
         nn.init.normal_(self.weight.weight, std=INIT_STD)

@@ -73,12 +73,15 @@ class RobeTable(CompressedTable):
         self.block_len = dim // blocks
         num_sign = -(-dim // SIGNS_PER_HASH) if signs else 0
         hash_bytes = 2 * INT64_BYTES * self.num_fields * (blocks + num_sign)
-        self.num_chunks = (self.max_bytes - hash_bytes) // (FP32_BYTES * self.block_len)
+        # shapes: array [S], offset_a/offset_b [F, blocks], sign_a/sign_b [F, signs]
+        self.reserve_metadata({}, ndims=5 + (4 if signs else 0))
+        self.num_chunks = (self.array_budget - hash_bytes) // (FP32_BYTES * self.block_len)
         self.array_size = self.num_chunks * self.block_len
         if self.array_size < dim:
             raise BudgetError(
                 f"robe: budget {self.max_bytes:,} bytes is below an array of one vector plus the hash "
-                f"coefficients ({dim * FP32_BYTES + hash_bytes:,} bytes)"
+                f"coefficients ({dim * FP32_BYTES + hash_bytes + self.metadata_reserve:,} bytes with their "
+                f"metadata)"
             )
         a, b = hash_coefficients(self.num_fields * (blocks + num_sign), hash_seed)
         a, b = a.reshape(self.num_fields, -1), b.reshape(self.num_fields, -1)

@@ -56,6 +56,10 @@ def _group_pointers(rows: int) -> int:
     return -(-rows // ROW_GROUP) + 1
 
 
+CSR_NDIMS = 4
+"""Shape words of a CSR table's serving arrays: values, indices, row_len and group_ptr, each 1-D."""
+
+
 def csr_bytes(rows: int, dim: int, nnz: int) -> int:
     """Bytes of a CSR table: fp32 values and column indices per nonzero, one row length per row
     and one pointer per ``ROW_GROUP`` rows (plus the end).
