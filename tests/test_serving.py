@@ -142,10 +142,13 @@ def test_metadata_is_stored_as_arrays_and_counted():
     assert spec_bytes({}) == 0 and spec_arrays({}) == {}
     with pytest.raises(TypeError, match=r"spec\.bad has type set"):
         spec_bytes({"bad": {1}})
-    # a table with a spec counts it: Q-R's operation is 8 + 4 bytes beyond its arrays
+    # a table with a spec counts it: Q-R's operation is 8 + 4 bytes beyond its arrays, and the arrays'
+    # shapes one word per dimension: weight_r, weight_q, weight_full [rows, 4] and moduli [2]
     t = build_table("qr", fields=[Field("a", 1000), Field("b", 7)], dim=4, budget=Ratio(4))
-    assert t.serving_bytes() == t.array_bytes() + 12 == state_nbytes(t.serving_state())
-    assert set(t.serving_state()) - set(t.serving_arrays()) == {"meta/ints", "meta/text"}
+    assert t.serving_bytes() == t.array_bytes() + 12 + 8 * 7 == state_nbytes(t.serving_state())
+    assert set(t.serving_state()) - set(t.serving_arrays()) == {"meta/ints", "meta/text", "meta/shapes"}
+    assert t.serving_state()["meta/shapes"].tolist() == [d for k in sorted(t.serving_arrays())
+                                                          for d in t.serving_arrays()[k].shape]
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ def test_budget_arithmetic_and_largest_network(small_fields):
     k, h = t.num_inputs, t.hidden
     weights = (k + 1) * h + 2 * (h + 1) * h + (h + 1) * 8
     meta = 8 + 8 + len("uniform")  # the spec: num_buckets, and the distribution's length and text
+    meta += 8 * (3 + 3 * 4)  # meta/shapes: hash_a, hash_b, field_offsets; four Linear weights [out, in], biases
     assert t.serving_bytes() == weights * 4 + (2 * k + 3) * 8 + meta <= t.full_bytes // 4
     assert k == h  # below k = 1024 the encoding is as wide as the hidden layers
     assert t._bytes_for(h + 1) > t.array_budget == t.max_bytes - meta
@@ -163,8 +164,9 @@ def test_paper_encoding_network_per_large_field_and_small_fields_as_rows():
     k, h = 1024, t.hidden
     net = ((k + 1) * h + 4 * (h + 1) * h + (h + 1) * 16) * 4
     meta = 8 + 8 + len("uniform")  # the spec: num_buckets, and the distribution's length and text
+    meta += 8 * (2 + 2 + 2 * 3 * 6)  # meta/shapes: hash_a, hash_b, rows [n, D]; per network 6 weights, biases
     assert t.serving_bytes() == 2 * k * 4 + 2 * net + (30 + 900) * 16 * 4 + meta <= t.max_bytes
-    assert t._bytes_for(h + 1) > t.array_budget  # only the MLP width shrank to fit
+    assert t._cost(h + 1) > t.array_budget  # only the MLP width shrank to fit
     state = t.serving_state()
     assert state["hash_a"].dtype == np.int32 and state["hash_a"].shape == (1024,)
     assert sum(v.nbytes for v in state.values()) == t.serving_bytes()

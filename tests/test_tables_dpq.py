@@ -20,7 +20,8 @@ def test_study_configuration_bytes():
     t = build_table("dpq", fields=_fields(), dim=16, budget=Ratio(4), parts=8, choices=32)
     n = 3030
     assert (t.parts_, t.choices_) == (8, 32)
-    assert t.serving_bytes() == (n * 8 * 5 + 7) // 8 + 32 * 16 * 4 == state_nbytes(t.serving_state())
+    shapes = 8 * 4  # meta/shapes: codes [bytes], codebook [8, 32, 2]
+    assert t.serving_bytes() == (n * 8 * 5 + 7) // 8 + 32 * 16 * 4 + shapes == state_nbytes(t.serving_state())
     state = t.serving_state()
     assert state["codes"].dtype == np.uint8 and state["codebook"].shape == (8, 32, 2)
 

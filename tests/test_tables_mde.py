@@ -71,7 +71,9 @@ def test_budget_arithmetic_and_smallest_alpha(ratio, blocks):
     state = t.serving_state()
     values = sum(v.size for k, v in state.items() if k.endswith(".weight"))
     proj = sum(v.size for k, v in state.items() if k.endswith(".proj"))
-    assert t.serving_bytes() == 4 * (values + proj) + 4 * len(fields) * (blocks - 1) == state_nbytes(state)
+    shapes = 8 * sum(v.ndim for k, v in state.items() if not k.startswith("meta/"))  # meta/shapes
+    assert shapes == 8 * (2 + 2 * sum(k.endswith((".weight", ".proj")) for k in state))
+    assert t.serving_bytes() == 4 * (values + proj) + 4 * len(fields) * (blocks - 1) + shapes == state_nbytes(state)
     assert t.serving_bytes() <= t.full_bytes / ratio
     rows = sum(v.shape[0] for k, v in state.items() if k.endswith(".weight"))
     assert rows == sum(f.num_embeddings for f in fields) == sum(e.num_embeddings for e in t.rows)

@@ -61,6 +61,7 @@ def test_bytes_arithmetic(small_fields):
         n_high = math.ceil(0.1 * n)
         expect += 256 * 8 * FP32_BYTES + math.ceil(n_high * 4 * 8 / 8) + math.ceil((n - n_high) * 4 * 6 / 8)
     expect += 8 * (3 + 2)  # metadata: the two bit widths, the parts and each quantized field's frequent count
+    expect += 8 * (2 + 5 + 5)  # meta/shapes: the small field's rows [7, 8]; per quantized field codebook, two codes
     assert t.serving_bytes() == expect == state_nbytes(t.serving_state())
     assert t.serving_bytes() <= t.max_bytes
 

@@ -155,7 +155,8 @@ def test_serving_bytes_and_numpy_lookup_in_every_stage():
         keep, dims = t.plan()
         kept = np.add.reduceat(keep.astype(int), [0, 7, 307])
         state = t.serving_state()
-        assert t.serving_bytes() == 4 * int((kept * dims).sum()) + 12 * 83 == state_nbytes(state)
+        shapes = 8 * (2 * 3 + 2)  # meta/shapes: three weights [kept, d], keep_bits, keep_rank
+        assert t.serving_bytes() == 4 * int((kept * dims).sum()) + 12 * 83 + shapes == state_nbytes(state)
         assert t.serving_bytes() <= t.full_bytes / 4
         if stage != "supernet":  # the supernet serves full rows; the plan truncates them
             t.eval()

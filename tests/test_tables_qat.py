@@ -24,9 +24,10 @@ def _ids(n: int = 64, seed: int = 0) -> torch.Tensor:
 def test_byte_arithmetic(method, code_bytes):
     n, d = 1350, 16
     t = build_table(method, fields=_fields(), dim=d, budget=Ratio(1.5))
-    assert t.serving_bytes() == n * d * code_bytes + 3 * 4 == state_nbytes(t.serving_state())
+    # codes and three per-field scales, plus meta/shapes: codes [n, d] and scale [3]
+    assert t.serving_bytes() == n * d * code_bytes + 3 * 4 + 8 * 3 == state_nbytes(t.serving_state())
     r = build_table(method, fields=_fields(), dim=d, budget=Ratio(1.2), granularity="row")
-    assert r.serving_bytes() == n * (d * code_bytes + 8) == state_nbytes(r.serving_state())
+    assert r.serving_bytes() == n * (d * code_bytes + 8) + 8 * 4 == state_nbytes(r.serving_state())
     assert t.serving_state()["codes"].dtype == (np.int8 if code_bytes == 1 else np.int16)
 
 

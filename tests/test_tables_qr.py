@@ -38,13 +38,14 @@ def _numpy_lookup(state: dict[str, np.ndarray], sizes: list[int], ids: np.ndarra
 
 
 def test_budget_arithmetic_is_exact():
-    t = QRTable(fields=[Field("a", 3), Field("b", 10_000)], dim=4, budget=4_012)
+    t = QRTable(fields=[Field("a", 3), Field("b", 10_000)], dim=4, budget=4_068)
     # field a stays full (3 rows); field b: 194 remainder rows + ceil(10000/194) = 52 quotient rows
     assert t.moduli == [0, 194] and t.q_rows == [52]
     meta = 8 + len("mult")  # the operation: its length and text
-    assert t.serving_bytes() == (3 + 194 + 52) * 4 * 4 + 2 * 8 + meta == 4_012
+    meta += 8 * (2 + 2 + 2 + 1)  # meta/shapes: weight_r, weight_q, weight_full [rows, 4] and moduli [2]
+    assert t.serving_bytes() == (3 + 194 + 52) * 4 * 4 + 2 * 8 + meta == 4_068
     # one more remainder row (195 + 52) no longer fits
-    assert (3 + 195 + 52) * 16 + 16 + meta > 4_012
+    assert (3 + 195 + 52) * 16 + 16 + meta > 4_068
     assert state_nbytes(t.serving_state()) == t.serving_bytes()
 
 
@@ -135,7 +136,7 @@ def test_bad_hyper_parameters():
         QRTable(fields=_fields(), dim=8, budget=Ratio(4), operation="max")
     with pytest.raises(ValueError, match="needs dim >= 2"):
         QRTable(fields=_fields(), dim=1, budget=Ratio(2), operation="concat")
-    with pytest.raises(BudgetError, match="budget allows 88"):  # 100 less the metadata
+    with pytest.raises(BudgetError, match="budget allows 48"):  # 100 less the metadata (spec, 5 shape words)
         QRTable(fields=_fields(), dim=8, budget=100)
 
 
@@ -201,7 +202,7 @@ def test_fewest_partitions_largest_first():
     assert t.partitions == [2, 3]
     state = t.serving_state()
     assert set(state) == {"weight_r", "weight_q", "weight_p3_0", "weight_p3_1", "weight_p3_2", "radices",
-                          "meta/ints", "meta/text"}
+                          "meta/ints", "meta/text", "meta/shapes"}
     assert state["radices"][0, 0] == 0 and state["radices"][0, 2] == t.moduli[0]
     assert t.serving_bytes() == state_nbytes(state) <= 16_000
     # the two-partition case keeps its state layout

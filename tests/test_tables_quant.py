@@ -45,8 +45,9 @@ def test_int8_bytes_per_row_and_max_ratio():
     t = Int8Table(fields=_fields(), dim=16, budget=Ratio(2.5))
     # codes, a scale and an offset per row, and the metadata: "full" and "int8" (8 bytes of length and
     # the text each), the quantized parameter's name (8 + 13) and shape (2 x 8)
-    assert t.serving_bytes() == 5307 * (16 + 8) + 61 == state_nbytes(t.serving_state())
-    with pytest.raises(BudgetError, match=r"int8 reaches at most ratio 2.67 at dim 16"):
+    # and the stored arrays' shapes (meta/shapes: codes [rows, 16], scale and offset [rows]: 4 x 8)
+    assert t.serving_bytes() == 5307 * (16 + 8) + 61 + 32 == state_nbytes(t.serving_state())
+    with pytest.raises(BudgetError, match=r"int8 reaches at most ratio 2.66 at dim 16"):
         Int8Table(fields=_fields(), dim=16, budget=Ratio(3))
     with pytest.raises(BudgetError, match=r"int16 reaches at most ratio 1.33 at dim 8"):
         build_table("int16", fields=_fields(), dim=8, budget=Ratio(2))

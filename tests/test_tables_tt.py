@@ -67,7 +67,8 @@ def test_serving_bytes_arithmetic():
         else:
             numel += s[0] * d[0] * R + R * s[1] * d[1] * R + R * s[2] * d[2]
             assert math.prod(s) >= f.num_embeddings
-    assert t.serving_bytes() == 4 * numel == state_nbytes(t.serving_state())
+    shapes = sum(2 if t.id_shapes[f.name] is None else 4 * 3 for f in fields)  # meta/shapes: rows, cores
+    assert t.serving_bytes() == 4 * numel + 8 * shapes == state_nbytes(t.serving_state())
     assert t.serving_bytes() <= t.full_bytes / 8
     assert sum(p.numel() for p in t.parameters()) == numel
     assert f"rank={R}" in repr(t) and "dim_shape=(2, 2, 4)" in repr(t)
@@ -131,7 +132,7 @@ def test_small_field_stays_plain_and_rows_are_its_own():
 def test_all_plain_when_rows_are_smaller_than_cores():
     t = TTTable(fields=[Field("a", 5), Field("b", 9)], dim=8)  # no budget: the rank is max_rank
     assert t.rank == 64 and t.id_shapes == {"a": None, "b": None} and len(t.cores) == 0
-    assert t.serving_bytes() == (5 + 9) * 8 * 4 == state_nbytes(t.serving_state())
+    assert t.serving_bytes() == (5 + 9) * 8 * 4 + 8 * 2 * 2 == state_nbytes(t.serving_state())
     assert t(torch.tensor([[4, 8]])).shape == (1, 2, 8)
     with pytest.raises(ValueError, match="not tensor-train"):
         t.core_block("a", 0)

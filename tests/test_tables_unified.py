@@ -18,7 +18,7 @@ def _fields():
 
 def test_budget_arithmetic_is_exact():
     t = UnifiedTable(fields=_fields(), dim=8, budget=10_000)
-    overhead = 3 * 2 * 16 + 8                      # (a, b) per (field, chunk) + the bucket count
+    overhead = 3 * 2 * 16 + 8 + 8 * 7              # (a, b) per (field, chunk) + the bucket count + 7 shape words
     assert t.chunks == 2 and t.chunk_dim == 4
     assert t.buckets == (10_000 - overhead) // 16
     assert t.serving_bytes() == t.buckets * 16 + overhead <= 10_000 < (t.buckets + 1) * 16 + overhead

@@ -105,7 +105,8 @@ class SharedDeepHashEmbedding(CompressedTable):
             raise ValueError(f"{self.method}: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         if self.total_ids >= PRIME:
             raise ValueError(f"{self.method}: {self.total_ids:,} ids in all exceed the hash prime {PRIME:,}")
-        self.reserve_metadata({"num_buckets": 0, "distribution": distribution})
+        # shapes: hash_a, hash_b, field_offsets; per Linear (layers + 1) weight [out, in] and bias
+        self.reserve_metadata({"num_buckets": 0, "distribution": distribution}, ndims=3 + 3 * (layers + 1))
         self.hidden = self._largest_hidden()
         if self.hidden < 1:
             raise BudgetError(
@@ -335,7 +336,7 @@ class DeepHashEmbedding(CompressedTable):
         self.hidden = self._largest_hidden()
         if self.hidden < 1:
             raise BudgetError(
-                f"dhe: budget {self.max_bytes:,} bytes is below the smallest table: {self._bytes_for(1):,} bytes "
+                f"dhe: budget {self.max_bytes:,} bytes is below the smallest table: {self._cost(1):,} bytes "
                 f"with hidden width 1, {num_hash} hashes ({self.hash_bytes:,} bytes of coefficients) and the "
                 f"small fields as rows (full table {self.full_bytes:,} bytes, budget {self.budget})"
             )
@@ -375,11 +376,18 @@ class DeepHashEmbedding(CompressedTable):
         rows = sum(f.num_embeddings for j, f in enumerate(self.fields) if j not in nets)
         return (self.hash_bytes if nets else 0) + len(nets) * self.network_bytes(hidden) + rows * self.dim * FP32_BYTES
 
+    def _cost(self, hidden: int) -> int:
+        """:meth:`_bytes_for` and the arrays' shape words: hash_a, hash_b (with networks), rows [n, D]
+        (with plain fields), per network (layers + 1) weights [out, in] and biases."""
+        nets = len(self._network_fields(hidden))
+        ndims = (2 if nets else 0) + (2 if nets < self.num_fields else 0) + nets * 3 * (self.layers + 1)
+        return self._bytes_for(hidden) + INT64_BYTES * ndims
+
     def _largest_hidden(self) -> int:
         """The largest ``H`` whose table fits, 0 if none; past the width at which every field would be
         rows the table no longer changes, so the search stops there."""
         biggest = max(f.num_embeddings for f in self.fields) * self.dim * FP32_BYTES
-        return largest_width(lambda h: self.fits(self._bytes_for(h)), done=lambda h: self.network_bytes(h) >= biggest)
+        return largest_width(lambda h: self.fits(self._cost(h)), done=lambda h: self.network_bytes(h) >= biggest)
 
     # -- lookup -------------------------------------------------------------------------------
 

@@ -114,13 +114,14 @@ class DPQTable(CompressedTable):
         part_opts = [self.parts] if self.parts else [p for p in range(1, min(self.dim, MAX_PARTS) + 1)
                                                      if self.dim % p == 0]
         choice_opts = [self.choices] if self.choices else [2**b for b in range(1, code_bits(MAX_CHOICES) + 1)]
+        self.reserve_metadata({}, ndims=4)  # shapes: codes, codebook [P, K, D/P]
         fits = [(p * code_bits(k), -p, k, p) for p in part_opts for k in choice_opts
-                if self._bytes(p, k) <= self.max_bytes]
+                if self.fits(self._bytes(p, k))]
         if not fits:
             p, k = min(part_opts), min(choice_opts)
             raise BudgetError(
                 f"dpq: the smallest configuration ({p} part(s) of {k} choices: {code_bits(k) * p}-bit codes for "
-                f"{self.total_ids:,} ids and a {k} x {self.dim} fp32 codebook) needs {self._bytes(p, k):,} bytes "
+                f"{self.total_ids:,} ids and a {k} x {self.dim} fp32 codebook) needs {self._bytes(p, k) + self.metadata_reserve:,} bytes "
                 f"but the budget allows {self.max_bytes:,} (full table {self.full_bytes:,} bytes, budget {self.budget})"
             )
         _, _, k, p = max(fits)

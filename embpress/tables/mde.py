@@ -12,6 +12,7 @@ from torch import nn
 
 from embpress.tables.base import (
     FP32_BYTES,
+    INT64_BYTES,
     Budget,
     BudgetError,
     CompressedTable,
@@ -173,19 +174,25 @@ class MDETable(CompressedTable):
         d = dims
         return int(FP32_BYTES * (self._rows * d + np.where(d < self.dim, d * self.dim, 0)).sum()) + self._bound_bytes
 
+    def _cost(self, dims: np.ndarray) -> int:
+        """Serving bytes of ``dims``: the arrays and their shapes (inner_bounds [F, k-1]; per block
+        weight [rows, d] and, when projected, proj [d, D])."""
+        ndims = 2 + int((2 + 2 * (dims < self.dim)).sum())
+        return self._bytes(dims) + INT64_BYTES * ndims
+
     def _dims(self, alpha: float, base: int) -> np.ndarray:
         return self._effective(alpha_power_dims(self._pop, alpha, base, self.dim, self.round_dim))
 
     def _solve(self) -> tuple[float, int, np.ndarray]:
         """``(alpha, base_dim, dims)``: the least skewed power rule whose table fits the budget."""
         if self.alpha is None:
-            if self.fits(self._bytes(self._dims(0.0, self.dim))):
+            if self.fits(self._cost(self._dims(0.0, self.dim))):
                 return 0.0, self.dim, self._dims(0.0, self.dim)
-            if self.fits(self._bytes(self._dims(ALPHA_MAX, self.dim))):
+            if self.fits(self._cost(self._dims(ALPHA_MAX, self.dim))):
                 lo, hi = 0.0, ALPHA_MAX  # lo does not fit, hi fits
                 for _ in range(_BISECT_STEPS):
                     mid = (lo + hi) / 2
-                    if self.fits(self._bytes(self._dims(mid, self.dim))):
+                    if self.fits(self._cost(self._dims(mid, self.dim))):
                         hi = mid
                     else:
                         lo = mid
@@ -196,11 +203,11 @@ class MDETable(CompressedTable):
             alpha = float(self.alpha)
         for base in range(self.dim, 0, -1):
             dims = self._dims(alpha, base)
-            if self.fits(self._bytes(dims)):
+            if self.fits(self._cost(dims)):
                 return alpha, base, dims
         raise BudgetError(
             f"mde: dimension 1 for every block (plus projections to D={self.dim} and block bounds) needs "
-            f"{self._bytes(self._dims(alpha, 1)):,} bytes but the budget allows {self.max_bytes:,} "
+            f"{self._cost(self._dims(alpha, 1)):,} bytes but the budget allows {self.max_bytes:,} "
             f"(full table {self.full_bytes:,} bytes, budget {self.budget})"
         )
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from embpress.tables.base import (
     FP32_BYTES,
+    INT64_BYTES,
     Budget,
     BudgetError,
     CompressedTable,
@@ -79,6 +80,9 @@ class _Plan:
     low_choices: int
     quantized: tuple[bool, ...]
     nbytes: int
+    """Bytes of the serving arrays."""
+    ndims: int
+    """Their shape words (``meta/shapes``)."""
 
 
 @register_table("mgqe")
@@ -209,13 +213,20 @@ class MGQETable(CompressedTable):
             nbytes += -(-n // 64) * (8 + 4)
         return nbytes
 
+    def _field_ndims(self, i: int) -> int:
+        """Shape words of field ``i`` in MGQE form: codebook [P, K, D/P], codes_high, codes_low and,
+        for a non-prefix frequent set, high_mask and high_rank."""
+        return 5 if self._prefix[i] else 7
+
     def _plan(self, parts: int, high: int, low: int) -> _Plan:
-        quantized, total = [], 0
+        quantized, total, ndims = [], 0, 0
         for i, f in enumerate(self.fields):
             mgqe, full = self._field_bytes(i, parts, high, low), f.num_embeddings * self.dim * FP32_BYTES
-            quantized.append(mgqe < full)
-            total += min(mgqe, full)
-        return _Plan(parts, high, low, tuple(quantized), total)
+            q = mgqe + INT64_BYTES * self._field_ndims(i) < full + INT64_BYTES * 2  # rows [n, D]: 2 words
+            quantized.append(q)
+            total += mgqe if q else full
+            ndims += self._field_ndims(i) if q else 2
+        return _Plan(parts, high, low, tuple(quantized), total, ndims)
 
     def _size(self) -> _Plan:
         if self.parts is None:
@@ -226,14 +237,15 @@ class MGQETable(CompressedTable):
         while True:
             for p in part_options:
                 plan = self._plan(p, high, low)
-                if self.fits(plan.nbytes):
+                if self.fits(plan.nbytes + INT64_BYTES * plan.ndims):
                     return plan
             if high == 2:
                 break
             high, low = max(2, high // 2), max(2, low // 2)
         raise BudgetError(
             f"mgqe: the smallest configuration ({plan.parts} part(s), 2 centroids, 1-bit codes; "
-            f"small fields as fp32 rows) needs {plan.nbytes:,} bytes but the budget allows "
+            f"small fields as fp32 rows) needs {plan.nbytes + INT64_BYTES * plan.ndims:,} bytes with their "
+            f"shapes but the budget allows "
             f"{self.max_bytes:,} (full table {self.full_bytes:,} bytes, budget {self.budget})"
         )
 

@@ -204,6 +204,7 @@ class OptEmbedTable(CompressedTable):
 
         self.num_words = -(-self.total_ids // WORD_BITS)
         self._overhead = self.num_words * (BITMAP_WORD_BYTES + RANK_BYTES)
+        self.reserve_metadata({}, ndims=2 * self.num_fields + 2)  # shapes: weights [kept, d], keep_bits, keep_rank
         self.require_fit(self._overhead + FP32_BYTES * self.num_fields,
                          f"the kept-row bitmap and rank index of {self.total_ids:,} ids plus one row of "
                          f"dim 1 per field")
@@ -227,7 +228,7 @@ class OptEmbedTable(CompressedTable):
 
     def _fit_rows(self, keep: np.ndarray, margin: np.ndarray) -> np.ndarray:
         """Drop the kept rows of smallest margin until the rest fit at dim 1."""
-        room = (self.max_bytes - self._overhead) // FP32_BYTES
+        room = (self.array_budget - self._overhead) // FP32_BYTES
         if keep.sum() <= room:
             return keep
         idx = np.flatnonzero(keep)
@@ -240,7 +241,7 @@ class OptEmbedTable(CompressedTable):
         return np.add.reduceat(keep.astype(np.int64), self._offsets.numpy())
 
     def _uniform_dims(self, kept: np.ndarray) -> np.ndarray:
-        d = max(d for d in range(1, self.dim + 1) if self._bytes(kept, np.full(self.num_fields, d)) <= self.max_bytes)
+        d = max(d for d in range(1, self.dim + 1) if self.fits(self._bytes(kept, np.full(self.num_fields, d))))
         return np.full(self.num_fields, d, dtype=np.int64)
 
     @torch.no_grad()
@@ -269,7 +270,7 @@ class OptEmbedTable(CompressedTable):
         self.stage.fill_(SEARCH)
 
     def candidate_fits(self, dims: np.ndarray) -> bool:
-        return self._bytes(self._kept_per_field(self.row_keep.numpy()), np.asarray(dims)) <= self.max_bytes
+        return self.fits(self._bytes(self._kept_per_field(self.row_keep.numpy()), np.asarray(dims)))
 
     def search_dims_(self, evaluate: Callable[[], float]) -> float:
         """Evolutionary search of one dim per field with ``evaluate()`` (validation AUC); sets ``field_dims``."""

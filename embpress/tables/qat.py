@@ -59,12 +59,15 @@ class _QATTable(CompressedTable):
         if granularity not in GRANULARITIES:
             raise ValueError(f"{self.method}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.granularity = granularity
-        need = self._bytes()
+        # shapes: codes [total, D] and scale (table), or codes, scale and offset (row)
+        self.reserve_metadata({}, ndims=3 if granularity == "table" else 4)
+        need = self._bytes() + self.metadata_reserve
         if need > self.max_bytes:
             raise BudgetError(
                 f"{self.method}: {self.total_ids:,} rows of {self.bits}-bit codes with "
                 f"{'one fp32 scale per field' if granularity == 'table' else 'an fp32 scale and offset per row'} "
-                f"need {need:,} bytes but the budget allows {self.max_bytes:,}: {self.method} reaches at most "
+                f"need {need:,} bytes with their shapes but the budget allows {self.max_bytes:,}: {self.method} "
+                f"reaches at most "
                 f"ratio {self.full_bytes / need:.3f} at dim {dim} (granularity={granularity!r})"
             )
         self.weight = nn.Embedding(self.total_ids, dim, sparse=True)

@@ -128,6 +128,15 @@ def mixed_radix(n: int, k: int, last: int) -> tuple[int, ...]:
     return tuple(reversed(rev))
 
 
+def plan_ndims(radices: Sequence[tuple[int, ...]]) -> int:
+    """Shape words of a plan's serving arrays: weight_r and weight_q (two-partition fields),
+    weight_full (whole fields), one table per digit of each k-partition plan, and moduli [F] or
+    radices [F, k]."""
+    parts = {len(r) for r in radices}
+    return (4 if 2 in parts else 0) + (2 if 0 in parts else 0) + sum(2 * k for k in parts if k > 2) \
+        + (2 if max(parts) > 2 else 1)
+
+
 def plan_partitions(sizes: Sequence[int], dim: int, operation: str, max_bytes: int,
                     max_partitions: int) -> list[tuple[int, ...]]:
     """Mixed radix per field (``()``: uncompressed) when two partitions per field do not fit.
@@ -249,17 +258,23 @@ class QRTable(CompressedTable):
         self.operation = operation
         self.max_partitions = max_partitions
         sizes = [f.num_embeddings for f in self.fields]
-        # shapes, at most: weight_r/weight_q, weight_full, k tables per k-partition plan, moduli/radices
-        self.reserve_metadata({"operation": operation},
-                              ndims=2 * (2 + 1 + sum(range(3, max_partitions + 1)) + 1))
-        try:
-            self.moduli = plan_moduli(sizes, dim, operation, self.array_budget)
-            self.radices = [(-(-n // m), m) if m else () for n, m in zip(sizes, self.moduli, strict=True)]
-        except BudgetError:
-            if max_partitions == 2:
-                raise
-            self.radices = plan_partitions(sizes, dim, operation, self.array_budget, max_partitions)
-            self.moduli = [r[-1] if r else 0 for r in self.radices]
+        # The arrays' shapes depend on the plan (which tables it needs): plan with the least, then
+        # again with what the plan needs until it fits its own shapes (more shapes only shrink a plan).
+        ndims = 4 + 1  # weight_r, weight_q [rows, d] and moduli [F]
+        while True:
+            self.reserve_metadata({"operation": operation}, ndims=ndims)
+            try:
+                self.moduli = plan_moduli(sizes, dim, operation, self.array_budget)
+                self.radices = [(-(-n // m), m) if m else () for n, m in zip(sizes, self.moduli, strict=True)]
+            except BudgetError:
+                if max_partitions == 2:
+                    raise
+                self.radices = plan_partitions(sizes, dim, operation, self.array_budget, max_partitions)
+                self.moduli = [r[-1] if r else 0 for r in self.radices]
+            need = plan_ndims(self.radices)
+            if need <= ndims:
+                break
+            ndims = need
         self.partitions = [len(r) for r in self.radices]
         self.dr, self.dq = _half_dims(dim, operation)
 

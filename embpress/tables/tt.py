@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embpress.tables.base import FP32_BYTES, Budget, CompressedTable, Field, register_table, to_numpy
+from embpress.tables.base import FP32_BYTES, INT64_BYTES, Budget, CompressedTable, Field, register_table, to_numpy
 from embpress.tables.full import INIT_STD
 
 INITS = ("sampled_gaussian", "gaussian")
@@ -194,12 +194,18 @@ class TTTable(CompressedTable):
                 total += min(numel, plain)
             return total, shapes
 
+        def cost(total: int, shapes: list[tuple[int, ...] | None]) -> int:
+            """Serving bytes: the parameters and the arrays' shapes (a core [R, n_k, d_k, R] has 4 words,
+            a plain field's rows [n, D] 2)."""
+            return total * FP32_BYTES + INT64_BYTES * sum(2 if s is None else 4 * num_cores for s in shapes)
+
         total, shapes = plan(1)
-        self.require_fit(total * FP32_BYTES, "TT cores at rank 1 (plain rows for fields smaller than that)")
+        if self.budget is not None:  # without a budget the rank is max_rank
+            self.require_fit(cost(total, shapes), "TT cores at rank 1 (plain rows for fields smaller than that)")
         rank = 1
         while rank < max_rank:
             nxt_total, nxt_shapes = plan(rank + 1)
-            if not self.fits(nxt_total * FP32_BYTES):
+            if self.budget is not None and not self.fits(cost(nxt_total, nxt_shapes)):
                 break
             rank, total, shapes = rank + 1, nxt_total, nxt_shapes
         self.rank = rank
