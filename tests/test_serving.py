@@ -12,7 +12,14 @@ import torch
 from embpress import serving
 from embpress.models import build_model
 from embpress.tables import Field, Ratio, build_table, registered_tables, table_class
-from embpress.tables.base import SPEC_SHAPES, spec_arrays, spec_bytes, spec_from_arrays, spec_schema, state_nbytes
+from embpress.tables.base import (
+    SPEC_SHAPES,
+    spec_arrays,
+    spec_bytes,
+    spec_from_arrays,
+    spec_schema,
+    state_nbytes,
+)
 from embpress.train import TrainConfig, train
 
 QUANTIZED = ["hash+int8", "qr+int8", "unified+int16", "robe+int8"]

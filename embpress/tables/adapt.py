@@ -67,7 +67,7 @@ class AdaptiveEmbedding(CompressedTable):
 
     >>> t = AdaptiveEmbedding(fields=[Field("a", 1000), Field("b", 10)], dim=4, budget=1600)
     >>> t.capacity, t.shared_rows, t.serving_bytes() <= 1600
-    ([34, 10], [43, 0], True)
+    ([32, 10], [41, 0], True)
     """
 
     family = "inter"

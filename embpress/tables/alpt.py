@@ -109,7 +109,7 @@ class ALPTTable(CompressedTable):
     >>> from embpress.tables import Ratio
     >>> t = ALPTTable(fields=[Field("a", 1000)], dim=8, budget=Ratio(4))   # 4 bits would need 8,008 bytes
     >>> t.bits_, t.serving_bytes(), t.codes.dtype
-    (3, 7008, torch.int8)
+    (3, 7024, torch.int8)
     """
 
     family = "intra"

@@ -326,7 +326,7 @@ class AutoSrhTable(CompressedTable):
 
     >>> t = AutoSrhTable(fields=[Field("a", 6000)], dim=8, budget="4x")
     >>> t.nnz_, t.serving_bytes() <= t.max_bytes
-    (8362, True)
+    (8355, True)
     """
 
     family = "intra"

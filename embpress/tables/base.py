@@ -448,8 +448,8 @@ class CompressedTable(nn.Module):
         largest value over the stages (``TrainResult.train_state_bytes``).
 
         >>> t = build_table("hash", fields=[Field("a", 1000)], dim=4, budget=Ratio(10))
-        >>> t.serving_bytes(), t.train_state_bytes()   # 98 rows x 16 B x (weight + 2 moments) + 49 B of buffers
-        (1592, 4753)
+        >>> t.serving_bytes(), t.train_state_bytes()   # 96 rows x 16 B x (weight + 2 moments) + 49 B of buffers
+        (1600, 4657)
         """
         seen: dict[int, int] = {}
 

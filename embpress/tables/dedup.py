@@ -74,7 +74,7 @@ class DedupTable(CompressedTable):
     >>> from embpress.tables import Ratio
     >>> t = DedupTable(fields=[Field("item", 1000)], dim=16, budget=Ratio(4))
     >>> t.block_rows_, t.num_blocks, t.unique_blocks, t.serving_bytes()
-    (2, 500, 109, 15960)
+    (2, 500, 109, 15984)
     >>> t.deduplicate_()
     >>> t(torch.tensor([[0], [999]])).shape, t.weight.weight.shape
     (torch.Size([2, 1, 16]), torch.Size([218, 16]))

@@ -63,7 +63,7 @@ class DeepLightTable(CompressedTable):
     >>> from embpress.tables import Ratio
     >>> t = DeepLightTable(fields=[Field("a", 1000)], dim=16, budget=Ratio(4))
     >>> t.nnz_, [s.name for s in t.stages()]
-    (2993, ['warmup', 'prune', 'finetune'])
+    (2986, ['warmup', 'prune', 'finetune'])
     """
 
     family = "intra"

@@ -23,7 +23,7 @@ class FullTable(CompressedTable):
 
     >>> t = FullTable(fields=[Field("a", 10), Field("b", 5)], dim=4)
     >>> t(torch.tensor([[9, 4]])).shape, t.serving_bytes()
-    (torch.Size([1, 2, 4]), 240)
+    (torch.Size([1, 2, 4]), 256)
     """
 
     family = "reference"

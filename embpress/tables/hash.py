@@ -39,7 +39,7 @@ class HashTable(CompressedTable):
 
     >>> t = HashTable(fields=[Field("a", 1000), Field("b", 10)], dim=4, budget=1000)
     >>> t.rows, t.serving_bytes() <= 1000
-    ([49, 10], True)
+    ([47, 10], True)
     """
 
     family = "inter"

@@ -138,7 +138,7 @@ class MagnitudePruneTable(_PrunedTable):
     >>> from embpress.tables import Ratio
     >>> t = MagnitudePruneTable(fields=[Field("a", 1000)], dim=16, budget=Ratio(4))
     >>> t.nnz_, [s.name for s in t.stages()]
-    (2993, ['train', 'retrain'])
+    (2986, ['train', 'retrain'])
     """
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, search_epochs: int | None = 1,
@@ -185,7 +185,7 @@ class PEPTable(_PrunedTable):
     >>> from embpress.tables import Ratio
     >>> t = PEPTable(fields=[Field("a", 1000)], dim=16, budget=Ratio(4))
     >>> t.nnz_, t.serving_bytes() <= 1000 * 16, [s.name for s in t.stages()]
-    (2993, True, ['search', 'retrain'])
+    (2986, True, ['search', 'retrain'])
     """
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None, granularity: str = "feature_dim",

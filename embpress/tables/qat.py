@@ -151,11 +151,12 @@ class Int8QATTable(_QATTable):
             offset per row).
 
     Serving bytes: ``total * D + 4 F`` (table: at most ~4x smaller than fp32) or
-    ``total * (D + 8)`` (row: 2x at ``D = 8``). Shapes: ids ``[N, F]`` -> ``[N, F, D]``.
+    ``total * (D + 8)`` (row: 2x at ``D = 8``), plus the arrays' shapes (3 or 4 int64 words).
+    Shapes: ids ``[N, F]`` -> ``[N, F, D]``.
 
-    >>> t = Int8QATTable(fields=[Field("a", 100)], dim=8, budget=800 + 4)
+    >>> t = Int8QATTable(fields=[Field("a", 100)], dim=8, budget=800 + 4 + 3 * 8)
     >>> t.serving_bytes(), sorted(t.serving_state())
-    (804, ['codes', 'scale'])
+    (828, ['codes', 'meta/shapes', 'scale'])
     """
 
     bits = 8

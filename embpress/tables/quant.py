@@ -399,7 +399,7 @@ class Int8Table(PostTrainingQuantized):
 
     >>> t = Int8Table(fields=[Field("a", 100)], dim=8, budget=1700)
     >>> t.serving_bytes(), sorted(t.serving_state())
-    (1661, ['meta/ints', 'meta/text', 'weight.weight.codes', 'weight.weight.offset', 'weight.weight.scale'])
+    (1693, ['meta/ints', 'meta/shapes', 'meta/text', 'weight.weight.codes', 'weight.weight.offset', 'weight.weight.scale'])
     """
 
     def __init__(self, *, fields: Sequence[Field], dim: int, budget: Budget = None) -> None:

@@ -57,7 +57,7 @@ class RobeTable(CompressedTable):
 
     >>> t = RobeTable(fields=[Field("a", 1000), Field("b", 10)], dim=8, budget=3232)
     >>> t.array_size, t.serving_bytes() <= 3232
-    (792, True)
+    (768, True)
     """
 
     family = "inter"

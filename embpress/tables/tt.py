@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from embpress.tables.base import FP32_BYTES, INT64_BYTES, Budget, CompressedTable, Field, register_table, to_numpy
+from embpress.tables.base import (
+    FP32_BYTES,
+    INT64_BYTES,
+    Budget,
+    CompressedTable,
+    Field,
+    register_table,
+    to_numpy,
+)
 from embpress.tables.full import INIT_STD
 
 INITS = ("sampled_gaussian", "gaussian")
@@ -160,7 +168,7 @@ class TTTable(CompressedTable):
 
     >>> t = TTTable(fields=[Field("big", 5000), Field("tiny", 7)], dim=8, budget=20_000)
     >>> t.rank, t.id_shapes, t.serving_bytes()
-    (11, {'big': (18, 17, 17), 'tiny': None}, 19760)
+    (11, {'big': (18, 17, 17), 'tiny': None}, 19872)
     >>> t(torch.tensor([[4999, 6]])).shape
     torch.Size([1, 2, 8])
     """

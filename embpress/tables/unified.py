@@ -56,7 +56,7 @@ class UnifiedTable(CompressedTable):
 
     >>> t = UnifiedTable(fields=[Field("a", 1000), Field("b", 10)], dim=8, budget=2000)
     >>> t.chunks, t.buckets, t.serving_bytes() <= 2000
-    (2, 120, True)
+    (2, 117, True)
     """
 
     tune_space = {"chunks": ("choice", 1, 2, 4)}
