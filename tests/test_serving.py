@@ -173,3 +173,18 @@ def test_qr_artifact_is_a_hundredth_of_the_table(tmp_path):
     size = (tmp_path / "qr.safetensors").stat().st_size
     assert size <= t.full_bytes / 100 + 8 + _header_len(tmp_path / "qr.safetensors")
     assert np.isclose(size, t.serving_bytes(), rtol=0.01)
+
+
+def test_stored_shapes_must_match_the_arrays():
+    """``meta/shapes`` lists each array's dimensions in name order; a mismatch is named at load."""
+    from embpress.tables.base import check_shapes, shape_arrays
+
+    arrays = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float32)}
+    stored = {**arrays, **shape_arrays(arrays)}
+    assert stored[SPEC_SHAPES].tolist() == [5, 3, 4]
+    check_shapes(stored, "x")  # consistent: no error
+    stored[SPEC_SHAPES] = np.array([5, 4, 3], dtype=np.int64)
+    with pytest.raises(ValueError, match=r"x: meta/shapes lists \[5, 4, 3\] but the arrays' shapes are \[5, 3, 4\]"):
+        check_shapes(stored, "x")
+    with pytest.raises(ValueError, match="meta/shapes lists"):
+        check_shapes(arrays, "y")  # missing altogether
