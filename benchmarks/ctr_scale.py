@@ -93,7 +93,8 @@ def point(args) -> dict:
         table = build_table(args.point, fields=data.fields, dim=args.dim, budget=budget)
     model = build_model("dlrm", table=table, num_dense=data.num_dense)
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, evals_per_epoch=1, progress=False,
-                      eval_batch_size=args.eval_batch_size)
+                      eval_batch_size=args.eval_batch_size, sparse_optimizer=args.sparse_opt,
+                      **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}))
     load_before = os.getloadavg()[0]
     res = Trainer(model, data, cfg).fit()
     load_after = os.getloadavg()[0]
@@ -120,6 +121,7 @@ def point(args) -> dict:
         n = sum(len(y) for d, i, y in batches if model(d, i) is not None)
         infer = n / (time.perf_counter() - t)
     return {"method": args.point, "ratio": args.ratio, "ids": table.total_ids, "data": args.data or "random-zipf",
+            "sparse_optimizer": cfg.sparse_optimizer, "sparse_lr": cfg.sparse_lr,
             "train_rows": len(data.train), "train_samples_per_s": res.train_samples_per_s,
             "infer_samples_per_s": infer, "test_auc": res.test_auc if args.data else None,
             "serving_bytes": table.serving_bytes(), "full_bytes": table.full_bytes,
@@ -148,7 +150,8 @@ def grid(args) -> None:
                     fh.write(json.dumps(rec) + "\n")
                 continue
             cmd = [sys.executable, __file__, "--point", m, "--ratio", str(r), "--scale", str(SCALES[s]),
-                   "--steps", str(args.steps), "--threads", str(args.threads), "--batch-size", str(args.batch_size)]
+                   "--steps", str(args.steps), "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+                   "--sparse-opt", args.sparse_opt] + ([] if args.sparse_lr is None else ["--sparse-lr", str(args.sparse_lr)])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
                 rec = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -197,6 +200,8 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=4096,
                     help="evaluation batch (its activations are part of the peak RSS)")
     ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--sparse-opt", default="adam", help="optimizer of the embedding rows: adam or rowwise_adagrad")
+    ap.add_argument("--sparse-lr", type=float, default=None, help="its learning rate (default: TrainConfig's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--scales", default="1M,10M,33.8M")

@@ -84,6 +84,10 @@ def bench(
     dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 16,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 2048,
     lr: Annotated[float, typer.Option(help="Learning rate (Adam and SparseAdam).")] = 3e-3,
+    sparse_opt: Annotated[str, typer.Option(help="Optimizer of the embedding rows: adam (lazy Adam) or "
+                                            "rowwise_adagrad (one accumulator a row, TorchRec's default).")] = "adam",
+    sparse_lr: Annotated[float | None, typer.Option(help="Learning rate of the embedding rows (default: --lr; "
+                                                    "row-wise AdaGrad wants more, e.g. 0.01-0.05).")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: results.jsonl, report.md, pareto.png.")] = Path("runs/bench"),
     quick: Annotated[bool, typer.Option("--quick", help="Same grid, smaller: one seed, 200k synthetic rows.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
@@ -146,6 +150,7 @@ def bench(
             ratios=parse_list(ratios, float, "ratios") or DEFAULT_RATIOS,
             seeds=parse_list(seeds, int, "seeds") or ((0,) if quick else (0, 1, 2)),
             epochs=epochs, dim=dim, batch_size=batch_size, lr=lr, threads=threads, progress=progress, tune=tune,
+            sparse_optimizer=sparse_opt, sparse_lr=sparse_lr,
         )
 
     cfg = _guard(config)
@@ -176,6 +181,8 @@ def train(
     epochs: Annotated[int, typer.Option(help="Epochs per stage.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Global batch size (split over torchrun's processes).")] = 2048,
     lr: Annotated[float, typer.Option(help="Learning rate (Adam and row-sparse Adam).")] = 3e-3,
+    sparse_opt: Annotated[str, typer.Option(help="Optimizer of the embedding rows: adam or rowwise_adagrad.")] = "adam",
+    sparse_lr: Annotated[float | None, typer.Option(help="Learning rate of the embedding rows (default: --lr).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the table, the model and the batch order.")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch threads per process.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Write the trained model here (rank 0).")] = None,
@@ -207,8 +214,9 @@ def train(
     reference = _guard(lambda: _is_reference(method))
     table = _guard(lambda: build_table(method, fields=data.fields, dim=dim, budget=None if reference else Ratio(ratio)))
     net = _guard(lambda: build_model(model, table=table, num_dense=data.num_dense))
-    cfg = _guard(lambda: TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, sparse_lr=lr, seed=seed,
-                                     progress=progress and rank == 0))
+    cfg = _guard(lambda: TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
+                                     sparse_lr=lr if sparse_lr is None else sparse_lr, seed=seed,
+                                     progress=progress and rank == 0, sparse_optimizer=sparse_opt))
     result = Trainer(net, data, cfg).fit()
     if rank == 0:
         if checkpoint is not None:

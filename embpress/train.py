@@ -28,7 +28,7 @@ from embpress.atomic import atomic_open
 from embpress.data.schema import CTRDataset, Split
 from embpress.distributed import DataParallel
 from embpress.models.base import CTRModel
-from embpress.optim import RowSparseAdam
+from embpress.optim import SPARSE_OPTIMIZERS, RowSparseAdam
 from embpress.tables.base import ParamGroup, Stage, StageContext
 
 
@@ -53,8 +53,15 @@ class TrainConfig:
     seed: int = 0
     max_steps_per_epoch: int | None = None
     progress: bool = True
+    sparse_optimizer: str = "adam"
+    """Optimizer of the sparse-gradient (embedding) parameters at ``sparse_lr``: ``"adam"`` (lazy
+    Adam, :class:`~embpress.optim.RowSparseAdam`) or ``"rowwise_adagrad"`` (one accumulator a row,
+    :class:`~embpress.optim.RowSparseRowwiseAdagrad`, TorchRec's default; it takes larger rates)."""
 
     def __post_init__(self) -> None:
+        if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"TrainConfig.sparse_optimizer must be one of {sorted(SPARSE_OPTIMIZERS)}, "
+                             f"got {self.sparse_optimizer!r}")
         for name in ("epochs", "batch_size", "patience", "evals_per_epoch", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "epochs" else 1):
@@ -159,7 +166,7 @@ class _Optimizers:
                  if p.requires_grad and id(p) not in sparse_ids and id(p) not in arch and id(p) not in grouped]
         self.opts: list[torch.optim.Optimizer] = []
         if sparse:
-            self.opts.append(RowSparseAdam(sparse, lr=cfg.sparse_lr))
+            self.opts.append(SPARSE_OPTIMIZERS[cfg.sparse_optimizer](sparse, lr=cfg.sparse_lr))
         if dense:
             self.opts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True))
         self.arch_opts: list[torch.optim.Optimizer] = []
@@ -256,7 +263,7 @@ class Trainer:
         """Run all stages, then evaluate on the test split."""
         reports, history = [], []
         train_samples, train_seconds = 0, 0.0
-        self.train_state_bytes = self.model.table.train_state_bytes()
+        self.train_state_bytes = self.model.table.train_state_bytes(self.cfg.sparse_optimizer)
         for stage in self.model.table.stages():
             rep, hist, samples, seconds = self._run_stage(stage)
             reports.append(rep)
@@ -280,7 +287,7 @@ class Trainer:
             model.load_state_dict(self.head_init, strict=False)
         if stage.before is not None:
             stage.before(ctx)
-        self.train_state_bytes = max(self.train_state_bytes, model.table.train_state_bytes())
+        self.train_state_bytes = max(self.train_state_bytes, model.table.train_state_bytes(cfg.sparse_optimizer))
         epochs = cfg.epochs if stage.epochs is None else stage.epochs
         n = len(self.data.train)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -353,7 +360,7 @@ class Trainer:
                 model.load_state_dict(best_state)
         if stage.after is not None:
             stage.after(ctx)
-        self.train_state_bytes = max(self.train_state_bytes, model.table.train_state_bytes())
+        self.train_state_bytes = max(self.train_state_bytes, model.table.train_state_bytes(cfg.sparse_optimizer))
         seconds = time.perf_counter() - t0
         rep = StageReport(stage.name, seconds, samples / n if n else 0.0, samples,
                           None if best_auc == -math.inf else best_auc)

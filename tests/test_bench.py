@@ -275,3 +275,24 @@ def fingerprint_of(config):
     from embpress.bench.records import trial_id
 
     return trial_id(config)
+
+
+def test_sparse_optimizer_and_its_rate_are_part_of_a_trial(tiny_data):
+    """Two optimizers (or two row learning rates) never share a row; the default (Adam) is left out of
+    the identity, so records written before the option existed keep theirs."""
+    from embpress.bench.ctr import Trial, trial_config
+
+    fp = dataset_fingerprint(tiny_data)
+    trial = Trial("tiny", "dlrm", "hash", 4.0, 0)
+    adam = BenchConfig(methods=("hash",), ratios=(4,), seeds=(0,), epochs=1)
+    ada = dataclasses.replace(adam, sparse_optimizer="rowwise_adagrad", sparse_lr=0.05)
+    ada2 = dataclasses.replace(ada, sparse_lr=0.02)
+    ca, cb, cc = (trial_config(trial, c, fp) for c in (adam, ada, ada2))
+    assert "sparse_optimizer" not in ca["train"] and ca["train"]["sparse_lr"] == adam.lr
+    assert cb["train"]["sparse_optimizer"] == "rowwise_adagrad" and cb["train"]["sparse_lr"] == 0.05
+    assert len({fingerprint_of(c) for c in (ca, cb, cc)}) == 3
+    assert trial.train_config(ada).sparse_optimizer == "rowwise_adagrad"
+    with pytest.raises(ValueError, match="--sparse-opt must be one of"):
+        BenchConfig(sparse_optimizer="sgd")
+    with pytest.raises(ValueError, match="--sparse-lr must be a positive number"):
+        BenchConfig(sparse_lr=0.0)

@@ -73,12 +73,12 @@ def test_compiled_step_equals_the_torch_path(dim):
             o.zero_grad()
             (emb(ids) - target).square().sum().backward()
             o.step()
-    assert opt._scratch, "the compiled step ran"
+    assert opt._scratch._by_param, "the compiled step ran"
     assert not torch.equal(ours.weight, ref.weight.detach().clone().zero_())
     torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-6, atol=1e-7)
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(opt.state[ours.weight][key], ref_opt.state[ref.weight][key], rtol=1e-5, atol=1e-8)
-    table = next(iter(opt._scratch.values()))[0]
+    table = next(iter(opt._scratch._by_param.values()))[0]
     assert (table == -1).all(), "the hash set is empty between steps"
 
 
@@ -119,3 +119,90 @@ def test_dpq_codes_follow_training_after_an_early_serving_state():
     fresh = t.codes_of(torch.arange(200))
     assert torch.equal(t.encode_(), fresh)  # the cache agrees with codes computed now
     assert not np.array_equal(t.serving_arrays()["codes"], codes_before)  # and the codes did change
+
+
+def _dense_rowwise_adagrad(weight, grad, state_sum, lr, eps):
+    """Row-wise AdaGrad on a dense gradient (TorchRec's RowWiseAdagrad): a row with no gradient keeps
+    its accumulator (mean of zeros) and its weight (zero step)."""
+    state_sum += grad.pow(2).mean(1)
+    weight -= lr * grad / (state_sum.sqrt() + eps)[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the compiled kernel, the torch path
+@pytest.mark.parametrize("dim", [1, 4, 16])
+def test_rowwise_adagrad_matches_the_dense_update(dim, dtype):
+    from embpress.optim import RowSparseRowwiseAdagrad
+
+    torch.manual_seed(0)
+    ours = torch.nn.Embedding(500, dim, sparse=True, dtype=dtype)
+    ref_w = ours.weight.detach().clone()
+    ref_sum = torch.zeros(500, dtype=dtype)
+    opt = RowSparseRowwiseAdagrad(ours.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        ids = torch.randint(0, 60, (256,), generator=gen) * torch.randint(1, 9, (256,), generator=gen)
+        target = torch.randn(256, dim, generator=gen, dtype=dtype)
+        opt.zero_grad()
+        (ours(ids) - target).square().sum().backward()
+        opt.step()
+        ref = ref_w.clone().requires_grad_(True)
+        (torch.nn.functional.embedding(ids, ref) - target).square().sum().backward()
+        _dense_rowwise_adagrad(ref_w, ref.grad, ref_sum, 0.05, 1e-8)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(ours.weight.detach(), ref_w, **tol)
+    state = opt.state[ours.weight]["sum"]
+    assert state.shape == (500,) and state.dtype == dtype  # one accumulator a row
+    torch.testing.assert_close(state, ref_sum, **tol)
+    assert (state[480:] == 0).all() and (state[:480:7] > 0).any()
+    assert bool(opt._scratch._by_param) == (dtype == torch.float32), "float32 runs the compiled kernel"
+
+
+def test_rowwise_adagrad_rejects_bad_input():
+    from embpress.optim import RowSparseRowwiseAdagrad
+
+    w = torch.nn.Parameter(torch.zeros(3, 2))
+    w.grad = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="sparse gradients"):
+        RowSparseRowwiseAdagrad([w]).step()
+    with pytest.raises(ValueError, match="lr > 0"):
+        RowSparseRowwiseAdagrad([w], lr=0)
+    v = torch.nn.Parameter(torch.zeros(5, 2))
+    v.grad = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.ones(2, 2), (5, 2), check_invariants=False)
+    with pytest.raises(IndexError, match="outside the parameter"):
+        RowSparseRowwiseAdagrad([v]).step()
+
+
+def test_trainer_uses_the_chosen_sparse_optimizer_and_counts_its_state(tiny_ctr, monkeypatch):
+    """``sparse_optimizer="rowwise_adagrad"`` trains the rows with one accumulator each: the model
+    learns the per-id task, the accumulators move, and train_state_bytes counts 4 bytes a row."""
+    from embpress.models import build_model
+    from embpress.optim import RowSparseRowwiseAdagrad
+    from embpress.tables import build_table
+    from embpress.train import TrainConfig, Trainer
+
+    with pytest.raises(ValueError, match="sparse_optimizer must be one of"):
+        TrainConfig(sparse_optimizer="sgd")
+    steps = {"adam": 0, "rowwise_adagrad": 0}
+    for cls, key in ((RowSparseAdam, "adam"), (RowSparseRowwiseAdagrad, "rowwise_adagrad")):
+        def counted(self, closure=None, _step=cls.step, _key=key):
+            steps[_key] += 1
+            return _step(self, closure)
+        monkeypatch.setattr(cls, "step", counted)
+    aucs, states = {}, {}
+    for name, lr in (("adam", 3e-3), ("rowwise_adagrad", 0.05)):
+        seen = dict(steps)
+        torch.manual_seed(0)
+        table = build_table("full", fields=tiny_ctr.fields, dim=8)
+        model = build_model("dlrm", table=table, num_dense=tiny_ctr.num_dense, bottom=(16,), top=(32,))
+        trainer = Trainer(model, tiny_ctr, TrainConfig(epochs=2, batch_size=256, sparse_lr=lr, progress=False,
+                                                       sparse_optimizer=name))
+        before = table.weight.weight.detach().clone()
+        res = trainer.fit()
+        aucs[name], states[name] = res.test_auc, res.train_state_bytes
+        assert not torch.equal(before, table.weight.weight.detach())
+        other = "adam" if name == "rowwise_adagrad" else "rowwise_adagrad"
+        assert steps[name] > seen[name] and steps[other] == seen[other], steps  # only the chosen one stepped
+    rows = sum(f.num_embeddings for f in tiny_ctr.fields)
+    # Adam keeps two (rows, 8) moments, row-wise AdaGrad one float a row
+    assert states["adam"] - states["rowwise_adagrad"] == rows * 8 * 4 * 2 - rows * 4
+    assert aucs["rowwise_adagrad"] > 0.7 and aucs["adam"] > 0.7, aucs

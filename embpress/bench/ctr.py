@@ -61,6 +61,10 @@ class BenchConfig:
     lr: float = 3e-3
     threads: int | None = None
     progress: bool = True
+    sparse_optimizer: str = "adam"
+    """The embedding rows' optimizer (``TrainConfig.sparse_optimizer``)."""
+    sparse_lr: float | None = None
+    """The embedding rows' learning rate; None: ``lr``."""
     tune: int | None = None
     """Search each (dataset, model, method, ratio)'s learning rates and declared hyper-parameters with
     this many Ray Tune trials (ASHA, validation AUC) before running its seeds; None: the defaults."""
@@ -90,6 +94,13 @@ class BenchConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {v!r}")
+        from embpress.optim import SPARSE_OPTIMIZERS
+
+        if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"--sparse-opt must be one of {sorted(SPARSE_OPTIMIZERS)}, got {self.sparse_optimizer!r}")
+        if self.sparse_lr is not None and not (isinstance(self.sparse_lr, int | float)
+                                               and 0 < self.sparse_lr < float("inf")):
+            raise ValueError(f"--sparse-lr must be a positive number, got {self.sparse_lr!r}")
         if not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
 
@@ -124,7 +135,9 @@ class Trial:
     def train_config(self, cfg: BenchConfig) -> TrainConfig:
         t = dict(self.tuned)
         return TrainConfig(epochs=self.epochs(cfg), batch_size=cfg.batch_size, lr=t.get("lr", cfg.lr),
-                           sparse_lr=t.get("sparse_lr", cfg.lr), seed=self.seed, progress=cfg.progress)
+                           sparse_lr=t.get("sparse_lr", cfg.lr if cfg.sparse_lr is None else cfg.sparse_lr),
+                           seed=self.seed, progress=cfg.progress,
+                           sparse_optimizer=cfg.sparse_optimizer)
 
 
 def plan_trials(cfg: BenchConfig) -> list[Trial]:
@@ -192,6 +205,8 @@ def trial_config(trial: Trial, cfg: BenchConfig, data_fingerprint: dict[str, Any
     tcfg = asdict(trial.train_config(cfg))
     for name in ("progress", "seed", "epochs", "batch_size", "lr"):  # progress changes nothing; the rest is above
         del tcfg[name]
+    if tcfg["sparse_optimizer"] == "adam":  # the setting every record before it was added trained with:
+        del tcfg["sparse_optimizer"]        # left out, so those records keep their identity
     config = {
         "dataset": trial.dataset, "data": data_fingerprint, "model": trial.model,
         "model_hparams": _model_hparams(trial.model), "method": method, "ratio": trial.ratio,

@@ -438,12 +438,13 @@ class CompressedTable(nn.Module):
 
         serving.save(self, path)
 
-    def train_state_bytes(self) -> int:
+    def train_state_bytes(self, sparse_optimizer: str = "adam") -> int:
         """Bytes training holds for this table now, counted from its tensors: every parameter,
         buffer and tensor attribute of its modules (supernets, masks, caches, codes), plus what the
         trainer adds per trainable parameter: Adam's two moments (Adam and SparseAdam keep them
-        dense, at the parameter's size) and, for parameters without sparse gradients, the dense
-        gradient. What scales with the batch, not the table, is not counted: sparse gradients (a
+        dense, at the parameter's size; with ``sparse_optimizer="rowwise_adagrad"`` a sparse
+        parameter has one accumulator a row instead) and, for parameters without sparse gradients,
+        the dense gradient. What scales with the batch, not the table, is not counted: sparse gradients (a
         batch's rows) and RowSparseAdam's scratch (about 16 + 4 * D bytes per lookup). The trainer records the
         largest value over the stages (``TrainResult.train_state_bytes``).
 
@@ -469,7 +470,12 @@ class CompressedTable(nn.Module):
         for p in self.parameters():
             if p.requires_grad:
                 nbytes = p.numel() * p.element_size()
-                total += 2 * nbytes + (0 if id(p) in sparse else nbytes)
+                if id(p) not in sparse:
+                    total += 3 * nbytes  # Adam's two moments and the dense gradient
+                elif sparse_optimizer == "rowwise_adagrad":
+                    total += p.shape[0] * p.element_size()
+                else:
+                    total += 2 * nbytes
         return int(total)
 
     def regularizer(self) -> torch.Tensor | None:
