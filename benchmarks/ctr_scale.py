@@ -134,18 +134,31 @@ def grid(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "scale.jsonl"
-    done = set()
+    # a point's identity: the method, its ratio, the scale, and how it trained (records written before the
+    # optimizer options existed trained with Adam at TrainConfig's sparse_lr)
+    default_lr = TrainConfig().sparse_lr
+
+    def key(method, ratio, scale, opt, lr, steps, batch_size, threads):
+        return (method, float(ratio), scale, opt, float(lr if lr is not None else default_lr), steps, batch_size,
+                threads)
+
+    done = set()  # a record without "steps" (written before it was kept) matches nothing: it runs again
     if results.exists():
-        done = {(r["method"], r["ratio"], r["scale"]) for r in map(json.loads, results.read_text().splitlines())}
+        done = {key(r["method"], r["ratio"], r["scale"], r.get("sparse_optimizer", "adam"), r.get("sparse_lr"),
+                    r.get("steps"), r.get("batch_size"), r.get("threads"))
+                for r in map(json.loads, results.read_text().splitlines())}
     scales = args.scales.split(",")
     methods = [(m, r) for m, r in METHODS if not args.methods or m in args.methods.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     for s in scales:
         for m, r in methods:
-            if (m, r, s) in done:
+            if key(m, r, s, args.sparse_opt, args.sparse_lr, args.steps, args.batch_size, args.threads) in done:
                 continue
+            how = {"scale": s, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
+                   "sparse_optimizer": args.sparse_opt,
+                   "sparse_lr": default_lr if args.sparse_lr is None else args.sparse_lr}
             if f"{m}@{s}" in skip:
-                rec = {"method": m, "ratio": r, "scale": s, "error": "skipped (--skip): " + args.skip_reason}
+                rec = {"method": m, "ratio": r, **how, "error": "skipped (--skip): " + args.skip_reason}
                 with open(results, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 continue
@@ -158,7 +171,7 @@ def grid(args) -> None:
             else:
                 tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
                 rec = {"method": m, "ratio": r, "error": f"exit {proc.returncode}: {tail}"}
-            rec["scale"] = s
+            rec.update(how)
             with open(results, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             print(json.dumps(rec), flush=True)
@@ -175,9 +188,13 @@ def plot(results: Path, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     methods = sorted({r["method"] for r in recs})
     cmap = plt.get_cmap("tab10")
-    for key in sorted({(r["method"], r["ratio"]) for r in recs}):
-        pts = sorted((r["ids"], r["train_samples_per_s"]) for r in recs if (r["method"], r["ratio"]) == key)
+    def series(r):
+        return r["method"], r["ratio"], r.get("sparse_optimizer", "adam")
+
+    for key in sorted({series(r) for r in recs}):
+        pts = sorted((r["ids"], r["train_samples_per_s"]) for r in recs if series(r) == key)
         label = key[0] if key[0] in ("noid", "full", "plain") else f"{key[0]}@{key[1]:g}x"
+        label += "" if key[2] == "adam" else f" ({key[2]})"
         ax.plot(*zip(*pts, strict=True), marker="o" if key[1] != 10 else "s", ls="--" if key[1] == 10 else "-",
                 color=cmap(methods.index(key[0]) % 10), label=label)
     ax.set_xscale("log")
