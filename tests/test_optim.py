@@ -206,3 +206,29 @@ def test_trainer_uses_the_chosen_sparse_optimizer_and_counts_its_state(tiny_ctr,
     # Adam keeps two (rows, 8) moments, row-wise AdaGrad one float a row
     assert states["adam"] - states["rowwise_adagrad"] == rows * 8 * 4 * 2 - rows * 4
     assert aucs["rowwise_adagrad"] > 0.7 and aucs["adam"] > 0.7, aucs
+
+
+def test_scale_benchmark_point_trains_with_the_chosen_optimizer(tmp_path):
+    """``benchmarks/ctr_scale.py --point`` (one process per point) passes the optimizer through and
+    records it; a hash table at 10x counts one accumulator a row instead of two moment rows."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ctr_scale.py"
+    recs = {}
+    for opt in ("adam", "rowwise_adagrad"):
+        out = subprocess.run([sys.executable, str(script), "--point", "hash", "--ratio", "10", "--scale", "0.0003",
+                              "--steps", "3", "--sparse-opt", opt, "--sparse-lr", "0.02", "--artifact-dir",
+                              str(tmp_path)], capture_output=True, text=True, check=True)
+        recs[opt] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert recs["rowwise_adagrad"]["sparse_optimizer"] == "rowwise_adagrad" and recs["adam"]["sparse_lr"] == 0.02
+    from embpress.data.synthetic import PRESETS
+    from embpress.tables import Field, Ratio, build_table
+
+    fields = [Field(f"C{i}", max(1, round(c * 0.0003))) for i, c in enumerate(PRESETS["criteo"])]
+    rows = sum(build_table("hash", fields=fields, dim=16, budget=Ratio(10)).rows)  # the point's table
+    saved = recs["adam"]["train_state_bytes"] - recs["rowwise_adagrad"]["train_state_bytes"]
+    assert saved == rows * (2 * 16 * 4 - 4)
+    assert recs["rowwise_adagrad"]["artifact_equal"] is True
