@@ -1,4 +1,7 @@
-"""Optimizers of the trainer: lazy (row-sparse) Adam with the arithmetic of ``torch.optim.SparseAdam``.
+"""Optimizers of the trainer for embedding rows: lazy (row-sparse) Adam with the arithmetic of
+``torch.optim.SparseAdam`` (:class:`RowSparseAdam`, the default), and row-wise AdaGrad
+(:class:`RowSparseRowwiseAdagrad`: one accumulator a row, FBGEMM's and TorchRec's default), both
+on the rows a batch touches and compiled for float32 tables.
 
 ``torch.optim.SparseAdam`` coalesces each sparse gradient, then updates the moments through
 sparse-dense additions and ``sparse_mask`` gathers; on CPU those cost several times the lookup
@@ -178,7 +181,26 @@ def _compiles(p: torch.Tensor, values: torch.Tensor) -> bool:
             and p.shape[0] < 2**31)
 
 
-class RowSparseAdam(torch.optim.Optimizer):
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """Base of the row-sparse optimizers: the compiled steps' scratch and the loop over parameters."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], defaults: dict) -> None:
+        super().__init__(params, defaults)
+        self._scratch = _RowScratch()
+
+    def _sparse_params(self):
+        """``(group, parameter, its state)`` for every parameter with a gradient, which must be sparse."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise ValueError(f"{type(self).__name__} takes sparse gradients; use a dense optimizer "
+                                     "for dense ones")
+                yield group, p, self.state[p]
+
+
+class RowSparseAdam(_RowSparseOptimizer):
     """Adam on the rows a sparse gradient touches (Kingma & Ba 2015; torch's SparseAdam semantics).
 
     Args:
@@ -200,45 +222,38 @@ class RowSparseAdam(torch.optim.Optimizer):
             raise ValueError(f"RowSparseAdam: need lr > 0, eps > 0 and betas in [0, 1), got lr={lr}, "
                              f"betas={betas}, eps={eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        self._scratch = _RowScratch()
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
+        for group, p, state in self._sparse_params():
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if not grad.is_sparse:
-                    raise ValueError("RowSparseAdam takes sparse gradients; use Adam for dense ones")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                index, values = grad._indices()[0], grad._values()
-                bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-                step_size = lr * math.sqrt(bias2) / bias1
-                if self._compiled_step(p, state, index, values, beta1, beta2, eps, step_size):
-                    continue
-                if grad.is_coalesced():
-                    rows, g = index, values
-                else:
-                    rows, inverse = _unique_rows(index, p.shape[0])
-                    g = values.new_zeros((rows.numel(), *values.shape[1:])).index_add_(0, inverse, values)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                old_avg, old_sq = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-                avg_update = g.sub(old_avg).mul_(1 - beta1)
-                sq_update = g.pow(2).sub_(old_sq).mul_(1 - beta2)
-                numer = avg_update.add_(old_avg)
-                sq = sq_update.add_(old_sq)
-                exp_avg.index_copy_(0, rows, numer)
-                exp_avg_sq.index_copy_(0, rows, sq)
-                denom = sq.sqrt().add_(eps)
-                p.index_add_(0, rows, numer.div_(denom).mul_(-step_size))
+            grad = p.grad
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            index, values = grad._indices()[0], grad._values()
+            bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+            step_size = lr * math.sqrt(bias2) / bias1
+            if self._compiled_step(p, state, index, values, beta1, beta2, eps, step_size):
+                continue
+            if grad.is_coalesced():
+                rows, g = index, values
+            else:
+                rows, inverse = _unique_rows(index, p.shape[0])
+                g = values.new_zeros((rows.numel(), *values.shape[1:])).index_add_(0, inverse, values)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            old_avg, old_sq = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+            avg_update = g.sub(old_avg).mul_(1 - beta1)
+            sq_update = g.pow(2).sub_(old_sq).mul_(1 - beta2)
+            numer = avg_update.add_(old_avg)
+            sq = sq_update.add_(old_sq)
+            exp_avg.index_copy_(0, rows, numer)
+            exp_avg_sq.index_copy_(0, rows, sq)
+            denom = sq.sqrt().add_(eps)
+            p.index_add_(0, rows, numer.div_(denom).mul_(-step_size))
         return loss
 
     def _compiled_step(self, p, state, index, values, beta1, beta2, eps, step_size) -> bool:
@@ -265,7 +280,7 @@ class RowSparseAdam(torch.optim.Optimizer):
         return True
 
 
-class RowSparseRowwiseAdagrad(torch.optim.Optimizer):
+class RowSparseRowwiseAdagrad(_RowSparseOptimizer):
     """Row-wise AdaGrad on the rows a sparse gradient touches: one accumulator per row, not per
     entry (FBGEMM's ``EXACT_ROWWISE_ADAGRAD``, TorchRec's default for embedding tables).
 
@@ -290,43 +305,36 @@ class RowSparseRowwiseAdagrad(torch.optim.Optimizer):
         if not lr > 0 or not eps > 0:
             raise ValueError(f"RowSparseRowwiseAdagrad: need lr > 0 and eps > 0, got lr={lr}, eps={eps}")
         super().__init__(params, {"lr": lr, "eps": eps})
-        self._scratch = _RowScratch()
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
+        for group, p, state in self._sparse_params():
             lr, eps = group["lr"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if not grad.is_sparse:
-                    raise ValueError("RowSparseRowwiseAdagrad takes sparse gradients; use Adagrad for dense ones")
-                state = self.state[p]
-                if not state:
-                    state["sum"] = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
-                index, values = grad._indices()[0], grad._values()
-                width = p[0].numel() if p.dim() > 1 else 1
-                if _compiles(p, values):
-                    n = index.numel()
-                    if n:
-                        table, rows, g, shift = self._scratch.get(p, n, width)
-                        _rowwise_adagrad_rows(index.numpy(), values.detach().contiguous().reshape(n, width).numpy(),
-                                              p.detach().view(p.shape[0], width).numpy(), state["sum"].numpy(),
-                                              table, shift, rows, g, np.float32(eps), np.float32(-lr), TOUCH_BLOCK)
-                        increment_version(p)  # written through numpy views: tell torch, as an in-place op would
-                        increment_version(state["sum"])
-                    continue
-                if grad.is_coalesced():
-                    rows_t, g = index, values
-                else:
-                    rows_t, inverse = _unique_rows(index, p.shape[0])
-                    g = values.new_zeros((rows_t.numel(), *values.shape[1:])).index_add_(0, inverse, values)
-                g2 = g.reshape(rows_t.numel(), width)
-                acc = state["sum"].index_select(0, rows_t) + g2.pow(2).mean(1)
-                state["sum"].index_copy_(0, rows_t, acc)
-                p.index_add_(0, rows_t, (g2 / (acc.sqrt() + eps)[:, None] * -lr).reshape(g.shape))
+            grad = p.grad
+            if not state:
+                state["sum"] = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
+            index, values = grad._indices()[0], grad._values()
+            width = p[0].numel() if p.dim() > 1 else 1
+            if _compiles(p, values):
+                n = index.numel()
+                if n:
+                    table, rows, g, shift = self._scratch.get(p, n, width)
+                    _rowwise_adagrad_rows(index.numpy(), values.detach().contiguous().reshape(n, width).numpy(),
+                                          p.detach().view(p.shape[0], width).numpy(), state["sum"].numpy(),
+                                          table, shift, rows, g, np.float32(eps), np.float32(-lr), TOUCH_BLOCK)
+                    increment_version(p)  # written through numpy views: tell torch, as an in-place op would
+                    increment_version(state["sum"])
+                continue
+            if grad.is_coalesced():
+                rows_t, g = index, values
+            else:
+                rows_t, inverse = _unique_rows(index, p.shape[0])
+                g = values.new_zeros((rows_t.numel(), *values.shape[1:])).index_add_(0, inverse, values)
+            g2 = g.reshape(rows_t.numel(), width)
+            acc = state["sum"].index_select(0, rows_t) + g2.pow(2).mean(1)
+            state["sum"].index_copy_(0, rows_t, acc)
+            p.index_add_(0, rows_t, (g2 / (acc.sqrt() + eps)[:, None] * -lr).reshape(g.shape))
         return loss
 
 
