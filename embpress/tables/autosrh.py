@@ -104,8 +104,30 @@ def block_of_rows(offsets: torch.Tensor, bounds: np.ndarray, total: int, dtype: 
             block[off + bounds[i, b]: off + bounds[i, b + 1]] = b
     return torch.from_numpy(block)
 
+class _AlphaSearch(CompressedTable):
+    """What both AutoSrh tables share: the salience ``alpha`` [blocks, D], searched in phase 1 with an
+    L1 penalty ``l1`` and clipped back into [0, 1] after each update (the study clips)."""
+
+    alpha: nn.Parameter
+    phase: torch.Tensor
+    l1: float
+
+    @torch.no_grad()
+    def _clip_alpha(self, ctx: StageContext) -> None:
+        """Projected gradient step: alpha back into [0, 1] after each update."""
+        self.alpha.clamp_(0.0, 1.0)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+    def regularizer(self) -> torch.Tensor | None:
+        if int(self.phase) != 1 or not self.l1:
+            return None
+        return self.l1 * self.alpha.abs().sum()
+
+
 @register_table("autosrh-cols")
-class AutoSrhColumnsTable(CompressedTable):
+class AutoSrhColumnsTable(_AlphaSearch):
     """AutoSrh with column pruning (a variant of Kong et al., TKDE 2022): whole (block, dim) columns
     pruned by salience before the retrain; see the module docstring.
 
@@ -232,18 +254,6 @@ class AutoSrhColumnsTable(CompressedTable):
                       after=self._prune_hook, on_step=self._clip_alpha),
                 Stage("retrain", epochs=self.retrain_epochs)]
 
-    @torch.no_grad()
-    def _clip_alpha(self, ctx: StageContext) -> None:
-        """Projected gradient step: alpha back into [0, 1] after each update (the study clips)."""
-        self.alpha.clamp_(0.0, 1.0)
-
-    def arch_parameters(self) -> list[nn.Parameter]:
-        return [self.alpha]
-
-    def regularizer(self) -> torch.Tensor | None:
-        if int(self.phase) != 1 or not self.l1:
-            return None
-        return self.l1 * self.alpha.abs().sum()
 
     # -- contract -------------------------------------------------------------------------------
 
@@ -296,7 +306,7 @@ def normalize_alpha_grad(grad: torch.Tensor) -> torch.Tensor:
 
 
 @register_table("autosrh")
-class AutoSrhTable(CompressedTable):
+class AutoSrhTable(_AlphaSearch):
     """AutoSrh as the VLDB 2024 study runs it (Kong et al., TKDE 2022; Hsword/Hetu
     ``EmbeddingMemoryCompression`` ``scheduler/autosrh.py``, ``layers/autosrh.py``).
 
@@ -381,10 +391,6 @@ class AutoSrhTable(CompressedTable):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.alpha.requires_grad_(int(self.phase) == 1)
 
-    @torch.no_grad()
-    def _clip_alpha(self, ctx: StageContext) -> None:
-        """Projected gradient step: alpha back into [0, 1] after each update (the study's clip)."""
-        self.alpha.clamp_(0.0, 1.0)
 
     def _alpha_group(self) -> list[ParamGroup]:
         return [ParamGroup("alpha", [self.alpha], optimizer="sgd", lr=self.alpha_lr, bilevel=True)]
@@ -411,13 +417,6 @@ class AutoSrhTable(CompressedTable):
                       groups=self._alpha_group),
                 Stage("retrain", epochs=self.retrain_epochs, after=self._prune_hook)]
 
-    def arch_parameters(self) -> list[nn.Parameter]:
-        return [self.alpha]
-
-    def regularizer(self) -> torch.Tensor | None:
-        if int(self.phase) != 1 or not self.l1:
-            return None
-        return self.l1 * self.alpha.abs().sum()
 
     # -- contract -------------------------------------------------------------------------------
 
