@@ -16,17 +16,19 @@ batch of queries the candidates are the union of every query's float top-``n_top
 ``n_random`` sampled documents; the loss is, per query, either
 
 * ``distill``: the cross-entropy of the quantized scores' softmax against the float scores'
-  softmax (the KL divergence up to the teacher's constant entropy), both at ``temperature``; or
+  softmax (the KL divergence up to the teacher's constant entropy); or
 * ``contrastive`` (needs labelled pairs): softmax cross-entropy of the relevant document against
   the candidates, the hard negatives being each query's top documents under the current codes
   (refreshed every epoch), the other relevant documents of the query masked out.
 
 Queries: real training queries when ``fit`` gets ``queries``, otherwise pseudo-queries made from the
 corpus (``pseudo="corpus"``: the vectors themselves, each masked out of its own candidates;
-``"noisy"``: each vector plus isotropic Gaussian noise of ``noise`` times its norm, renormalised).
-A tenth of the queries (at most ``val_size``) is held out; the epoch kept (the FAISS start
-included) is the one whose codes best recall their float 10-NN (labelled mode: their judged
-documents in the top 10).
+``"noisy"``: each vector plus isotropic Gaussian noise of ``noise`` times its norm, rescaled to it,
+its own document left among the candidates; ``"mixed"``: both). A tenth of the queries (at most
+``val_size``) is held out, always clean corpus vectors in pseudo-query mode; the epoch kept (the FAISS
+start included) is the one whose codes best recall their float 10-NN (labelled mode: their judged
+documents in the top 10). The distillation's softmaxes take ``temperature`` (student) and
+``teacher_temperature`` (teacher, default the same).
 
 Learned IVF: :func:`distill_coarse_centroids` trains IVF coarse centroids with Distill-VQ's IVF
 loss (each candidate scores the query by its list's centroid; ``Index(..., coarse_epochs=)``).
@@ -53,7 +55,7 @@ from embpress.vectors.pq import OptimizedProductQuantizer, ProductQuantizer
 log = logging.getLogger(__name__)
 
 _LOSSES = ("distill", "contrastive")
-_PSEUDO = ("corpus", "noisy")
+_PSEUDO = ("corpus", "noisy", "mixed")
 _SCHEDULES = ("constant", "linear")
 _WARMUP = 0.1  # share of the steps warming up under schedule="linear" (LibVQ's warmup_steps_ratio)
 _METRICS = ("ip", "l2")
@@ -89,6 +91,7 @@ class _DistillTrainer:
     n_random: int
     n_code_top: int
     temperature: float
+    teacher_temperature: float | None
     lr: float
     schedule: str
     pseudo: str
@@ -125,6 +128,9 @@ class _DistillTrainer:
             v = getattr(self, key)
             if not isinstance(v, int | float) or not v > 0:
                 raise ValueError(f"{name}: {key} must be > 0, got {v!r}")
+        tt = self.teacher_temperature
+        if tt is not None and (isinstance(tt, bool) or not isinstance(tt, int | float) or not tt > 0):
+            raise ValueError(f"{name}: teacher_temperature must be None (= temperature) or > 0, got {tt!r}")
         if not isinstance(self.noise, int | float) or self.noise < 0:
             raise ValueError(f"{name}: noise must be >= 0, got {self.noise!r}")
 
@@ -207,21 +213,22 @@ class _DistillTrainer:
         else:
             pick = np.arange(n) if n <= self.max_queries else np.sort(rng.choice(n, self.max_queries, replace=False))
             q = xs[pick]
-            if self.pseudo == "noisy":
-                g = rng.standard_normal(q.shape).astype(np.float32)
-                g *= (self.noise * np.linalg.norm(q, axis=1, keepdims=True)
-                      / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12))
-                qn = q + g
-                q = qn * (np.linalg.norm(q, axis=1, keepdims=True)
-                          / np.maximum(np.linalg.norm(qn, axis=1, keepdims=True), 1e-12))
-            else:
-                self_rows = pick  # a corpus vector is never its own candidate
+            self_rows = pick  # a corpus vector is never its own candidate
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq = q.shape[0]
         # hold out queries whose float 10-NN pick the epoch kept
         order = rng.permutation(nq)
         n_val = min(self.val_size, nq // 10) if nq >= 20 else 0
         val_q, tr_q = np.sort(order[:n_val]), np.sort(order[n_val:])
+        if self_rows is not None and self.pseudo != "corpus":
+            # held-out queries stay clean corpus vectors (one yardstick for every pseudo mode); the
+            # training rows get a noisy copy, appended with no row masked (its document is its neighbour)
+            noisy = self._perturb(q[tr_q], rng)
+            q = np.concatenate([q, noisy])
+            self_rows = np.concatenate([self_rows, np.full(len(noisy), -1, self_rows.dtype)])
+            extra = np.arange(nq, nq + len(noisy))
+            tr_q = extra if self.pseudo == "noisy" else np.concatenate([tr_q, extra])
+            nq = q.shape[0]
         if pairs is not None:
             keep = np.isin(pairs[:, 0], tr_q)
             val_pairs = pairs[~keep]
@@ -313,6 +320,14 @@ class _DistillTrainer:
         warm = max(1, int(_WARMUP * steps))
         return lambda step: (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm))
 
+    def _perturb(self, q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``q`` plus isotropic Gaussian noise of ``noise`` times each row's norm, rescaled to that norm."""
+        g = rng.standard_normal(q.shape).astype(np.float32)
+        norm = np.linalg.norm(q, axis=1, keepdims=True)
+        g *= self.noise * norm / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+        qn = q + g
+        return (qn * (norm / np.maximum(np.linalg.norm(qn, axis=1, keepdims=True), 1e-12))).astype(np.float32)
+
     def _float_top(self, q: np.ndarray, xs: np.ndarray, k: int, self_rows: np.ndarray | None) -> np.ndarray:
         """(nq, k) float top-k rows of ``xs`` for each query (its own row excluded in corpus mode)."""
         kk = min(k + (self_rows is not None), xs.shape[0])
@@ -365,7 +380,8 @@ class _DistillTrainer:
         cand = self._candidates(must, rng, xt.shape[0])
         ct = torch.from_numpy(cand)
         qb, xc = qt[batch], xt[ct]
-        teacher = self._scores(qb, xc) / self.temperature  # float scores (rotation-invariant)
+        t_teacher = self.temperature if self.teacher_temperature is None else self.teacher_temperature
+        teacher = self._scores(qb, xc) / t_teacher  # float scores (rotation-invariant)
         student = self._scores(self._rot(qb, rot), self._quantize(xc, cb, rot)) / self.temperature
         if self_rows is not None:
             own = torch.from_numpy(self_rows[batch])[:, None] == ct[None, :]
@@ -445,12 +461,16 @@ class DistilledPQ(_DistillTrainer, ProductQuantizer):
             number of training documents: every document is a candidate, nothing is sampled).
         n_code_top: each query's top documents under the current codes (refreshed every epoch), also
             added to the candidates (distill only; 0: none): the documents the codes rank too high.
-        temperature: both score softmaxes divide the similarities by it.
+        temperature: the student's (quantized) score softmax divides the similarities by it.
+        teacher_temperature: the teacher's (float) softmax temperature (None: ``temperature``);
+            lower sharpens the target toward the float top documents.
         lr: Adam learning rate of the codebooks (and rotation). 3e-4 with the linear schedule beat a
             constant 1e-3 on SciFact (which peaked after one epoch, then lost recall).
         schedule: ``"constant"`` learning rate, or ``"linear"`` (default): warm-up over the first tenth
             of the steps, then linear decay to 0 (LibVQ's ``get_linear_schedule_with_warmup``).
-        pseudo: ``"corpus"`` or ``"noisy"`` pseudo-queries when ``fit`` gets no queries.
+        pseudo: pseudo-queries when ``fit`` gets no queries: ``"corpus"`` vectors, ``"noisy"`` copies
+            of them, or ``"mixed"`` (both: twice the queries per epoch). The held-out queries are clean
+            corpus vectors in every mode.
         noise: norm of the Gaussian noise of ``"noisy"`` pseudo-queries, relative to the vector's.
         metric: ``"ip"`` (also cosine on normalised vectors) or ``"l2"``: the scores distilled.
         max_train: documents sampled from ``x`` for training. max_queries: pseudo-queries used.
@@ -474,13 +494,14 @@ class DistilledPQ(_DistillTrainer, ProductQuantizer):
 
     def __init__(self, *, m: int, nbits: int = 8, loss: str = "distill", epochs: int = 8, batch_size: int = 64,
                  n_top: int = 32, n_random: int = 256, n_code_top: int = 0, temperature: float = 0.05,
-                 lr: float = 3e-4, schedule: str = "linear", pseudo: str = "corpus", noise: float = 1.0,
+                 teacher_temperature: float | None = None, lr: float = 3e-4, schedule: str = "linear",
+                 pseudo: str = "corpus", noise: float = 1.0,
                  metric: str = "ip", max_train: int = 100_000, max_queries: int = 20_000, val_size: int = 500,
                  num_threads: int | None = None, seed: int = 0):
         super().__init__(m=m, nbits=nbits, seed=seed)
         self.loss, self.epochs, self.batch_size = loss, epochs, batch_size
         self.n_top, self.n_random, self.temperature, self.lr = n_top, n_random, temperature, lr
-        self.n_code_top, self.schedule = n_code_top, schedule
+        self.n_code_top, self.schedule, self.teacher_temperature = n_code_top, schedule, teacher_temperature
         self.pseudo, self.noise, self.metric = pseudo, noise, metric
         self.max_train, self.max_queries, self.val_size = max_train, max_queries, val_size
         self.num_threads = num_threads
@@ -516,14 +537,15 @@ class DistilledOPQ(_DistillTrainer, OptimizedProductQuantizer):
     def __init__(self, *, m: int, nbits: int = 8, niter: int = 50, train_rotation: bool = False,
                  rotation_lr: float | None = None, loss: str = "distill", epochs: int = 8, batch_size: int = 64,
                  n_top: int = 32, n_random: int = 256, n_code_top: int = 0, temperature: float = 0.05,
-                 lr: float = 3e-4, schedule: str = "linear", pseudo: str = "corpus", noise: float = 1.0,
+                 teacher_temperature: float | None = None, lr: float = 3e-4, schedule: str = "linear",
+                 pseudo: str = "corpus", noise: float = 1.0,
                  metric: str = "ip", max_train: int = 100_000, max_queries: int = 20_000, val_size: int = 500,
                  num_threads: int | None = None, seed: int = 0):
         super().__init__(m=m, nbits=nbits, niter=niter, seed=seed)
         self.train_rotation, self.rotation_lr = train_rotation, rotation_lr
         self.loss, self.epochs, self.batch_size = loss, epochs, batch_size
         self.n_top, self.n_random, self.temperature, self.lr = n_top, n_random, temperature, lr
-        self.n_code_top, self.schedule = n_code_top, schedule
+        self.n_code_top, self.schedule, self.teacher_temperature = n_code_top, schedule, teacher_temperature
         self.pseudo, self.noise, self.metric = pseudo, noise, metric
         self.max_train, self.max_queries, self.val_size = max_train, max_queries, val_size
         self.num_threads = num_threads

@@ -154,6 +154,41 @@ def test_code_negatives_and_linear_schedule(data):
         DistilledOPQ(m=4, nbits=4, rotation_lr=0.0).fit(x)
 
 
+def test_pseudo_modes_and_teacher_temperature_change_the_training(data, monkeypatch):
+    """Every pseudo mode holds out the same clean corpus vectors (one yardstick), ``"mixed"`` trains on
+    twice the queries (corpus + noisy copies), and each mode and the teacher's temperature change the
+    codebooks learned."""
+    x, _ = data
+    kw = dict(m=4, nbits=4, epochs=1, lr=3e-3, n_random=32)
+    starts = {p: DistilledPQ(pseudo=p, val_size=50, **kw).fit(x).val_recall_history_[0]
+              for p in ("corpus", "noisy", "mixed")}
+    assert len(set(starts.values())) == 1, starts
+    steps = []
+    real = DistilledPQ._distill_step
+
+    def counted(self, batch, *args):
+        steps.append(len(batch))
+        return real(self, batch, *args)
+
+    monkeypatch.setattr(DistilledPQ, "_distill_step", counted)
+    fits = {}
+    for name, extra in (("corpus", {}), ("noisy", {"pseudo": "noisy"}), ("mixed", {"pseudo": "mixed"}),
+                        ("teacher", {"teacher_temperature": 0.01})):
+        steps.clear()
+        fits[name] = (DistilledPQ(val_size=0, **extra, **kw).fit(x), sum(steps))  # val_size=0: last epoch kept
+    assert fits["corpus"][1] == fits["noisy"][1] == len(x) and fits["mixed"][1] == 2 * len(x)
+    start = ProductQuantizer(m=4, nbits=4).fit(x).centroids_
+    cents = {k: c.centroids_ for k, (c, _) in fits.items()}
+    for k, c in cents.items():
+        assert np.abs(c - start).max() > 1e-3, k
+    names = sorted(cents)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert np.abs(cents[a] - cents[b]).max() > 1e-4, (a, b)
+    with pytest.raises(ValueError, match="teacher_temperature must be"):
+        DistilledPQ(m=4, nbits=4, teacher_temperature=0.0).fit(x)
+
+
 def test_coarse_distillation_moves_centroids_and_fills_probed_lists(make_clustered):
     """Distilled IVF centroids move and put more of the held-out queries' float top-10 in the probed
     lists than k-means does; the Index uses them and still finds the exact neighbours at full nprobe."""
