@@ -229,6 +229,9 @@ class ALPTTable(CompressedTable):
     def array_bytes(self) -> int:
         return self._bytes(self.bits_)
 
+    def array_ndims(self) -> int:  # analytic: packed codes and step sizes, both 1-D
+        return 2
+
     def serving_arrays(self) -> dict[str, np.ndarray]:
         self.flush()
         unsigned = self.codes.long().numpy() + self.q_n

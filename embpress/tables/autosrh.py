@@ -428,6 +428,9 @@ class AutoSrhTable(_AlphaSearch):
     def array_bytes(self) -> int:
         return csr_bytes(self.total_ids, self.dim, self.nnz_)
 
+    def array_ndims(self) -> int:  # analytic: the CSR arrays are 1-D (building them encodes the table)
+        return CSR_NDIMS
+
     def serving_arrays(self) -> dict[str, np.ndarray]:
         """CSR ``values`` (fp32 ``w * alpha``), ``indices``, ``row_len``, ``group_ptr`` (``sparse_storage``)."""
         with torch.no_grad():

@@ -207,6 +207,9 @@ class DedupTable(CompressedTable):
     def array_bytes(self) -> int:
         return self.unique_blocks * self.block_rows_ * self.dim * FP32_BYTES + self.num_blocks * REMAP_BYTES
 
+    def array_ndims(self) -> int:  # analytic: blocks [M * R, D] and remap [B] (building them plans)
+        return 3
+
     def serving_arrays(self) -> dict[str, np.ndarray]:
         """``blocks`` (fp32 ``[M * R, D]``, unique blocks) and ``remap`` (int32 ``[B]``).
 

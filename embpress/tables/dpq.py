@@ -203,6 +203,9 @@ class DPQTable(CompressedTable):
     def array_bytes(self) -> int:
         return self._bytes(self.parts_, self.choices_)
 
+    def array_ndims(self) -> int:  # analytic: packed codes [bytes] and codebook [P, K, D/P]
+        return 4
+
     def serving_arrays(self) -> dict[str, np.ndarray]:
         """``codes``: ``total * P`` codes of ``log2 K`` bits, packed in row-major order (little-endian);
         ``codebook``: ``float32[P, K, D / P]``."""

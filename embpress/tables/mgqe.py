@@ -367,6 +367,9 @@ class MGQETable(CompressedTable):
     def array_bytes(self) -> int:
         return self._nbytes
 
+    def array_ndims(self) -> int:  # analytic: building the arrays encodes every id
+        return sum(self._field_ndims(i) for i in self._q_fields) + 2 * len(self._f_fields)
+
     def serving_arrays(self) -> dict[str, np.ndarray]:
         """Per quantized field ``<name>/codebook`` (fp32 ``[P, K, D/P]``), ``<name>/codes_high`` and
         ``<name>/codes_low`` (bit-packed codes in id order, ``P`` per id), only for a non-prefix frequent

@@ -105,6 +105,9 @@ class _PrunedTable(CompressedTable):
     def array_bytes(self) -> int:
         return csr_bytes(self.total_ids, self.dim, self.nnz_)
 
+    def array_ndims(self) -> int:  # analytic: the CSR arrays are 1-D (building them encodes the table)
+        return CSR_NDIMS
+
     def serving_arrays(self) -> dict[str, np.ndarray]:
         """CSR ``values`` (fp32), ``indices`` (column, uint8 for D <= 256), ``row_len`` and ``group_ptr``
         (see ``sparse_storage``), ``nnz_`` entries (before the prune: the entries it would keep now)."""

@@ -121,6 +121,9 @@ class _QATTable(CompressedTable):
     def array_bytes(self) -> int:
         return self._bytes()
 
+    def array_ndims(self) -> int:  # analytic: codes [rows, D], scale (and offset, row-wise)
+        return 3 if self.granularity == "table" else 4
+
     def serving_arrays(self) -> dict[str, np.ndarray]:
         """``table``: ``codes int[total, D]`` (signed) and ``scale float32[F]``; ``row``: ``codes
         uint[total, D]``, ``scale`` and ``offset float32[total]`` (``w ~ codes * scale + offset``)."""
