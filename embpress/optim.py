@@ -45,6 +45,15 @@ def _unique_rows(index: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torc
     return rows, position[index]
 
 
+def _summed_rows(grad: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a sparse gradient touches (sorted) and their gradients, duplicates summed (torch path)."""
+    index, values = grad._indices()[0], grad._values()
+    if grad.is_coalesced():
+        return index, values
+    rows, inverse = _unique_rows(index, num_rows)
+    return rows, values.new_zeros((rows.numel(), *values.shape[1:])).index_add_(0, inverse, values)
+
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -239,11 +248,7 @@ class RowSparseAdam(_RowSparseOptimizer):
             step_size = lr * math.sqrt(bias2) / bias1
             if self._compiled_step(p, state, index, values, beta1, beta2, eps, step_size):
                 continue
-            if grad.is_coalesced():
-                rows, g = index, values
-            else:
-                rows, inverse = _unique_rows(index, p.shape[0])
-                g = values.new_zeros((rows.numel(), *values.shape[1:])).index_add_(0, inverse, values)
+            rows, g = _summed_rows(grad, p.shape[0])
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             old_avg, old_sq = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
             avg_update = g.sub(old_avg).mul_(1 - beta1)
@@ -326,11 +331,7 @@ class RowSparseRowwiseAdagrad(_RowSparseOptimizer):
                     increment_version(p)  # written through numpy views: tell torch, as an in-place op would
                     increment_version(state["sum"])
                 continue
-            if grad.is_coalesced():
-                rows_t, g = index, values
-            else:
-                rows_t, inverse = _unique_rows(index, p.shape[0])
-                g = values.new_zeros((rows_t.numel(), *values.shape[1:])).index_add_(0, inverse, values)
+            rows_t, g = _summed_rows(grad, p.shape[0])
             g2 = g.reshape(rows_t.numel(), width)
             acc = state["sum"].index_select(0, rows_t) + g2.pow(2).mean(1)
             state["sum"].index_copy_(0, rows_t, acc)
