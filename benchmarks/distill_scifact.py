@@ -157,6 +157,9 @@ def main() -> None:
         ndcg = beir_metrics(res.ids, res.distances, test.query_ids, test.corpus_ids, test.qrels,
                             ("ndcg@10",), backend="numpy")["ndcg@10"]
         hist = " ".join(f"{v:.3f}" for v in getattr(codec, "val_recall_history_", []))
+        if hasattr(codec, "avq_recall_history_"):  # score-aware k-means rounds, before the epochs
+            hist = (f"avq {' '.join(f'{v:.3f}' for v in codec.avq_recall_history_)} "
+                    f"(kept {codec.avq_best_round_}) | {hist}")
         best = getattr(codec, "best_epoch_", "-")
         print(f"{spec:>10} {codec.code_bytes:>5} {rec:>9.4f} {ndcg:>8.4f} {fit_s:>7.1f} {qps:>8.0f} {best!s:>7}  {hist}",
               flush=True)

@@ -30,12 +30,26 @@ start included) is the one whose codes best recall their float 10-NN (labelled m
 documents in the top 10). The distillation's softmaxes take ``temperature`` (student) and
 ``teacher_temperature`` (teacher, default the same).
 
+Score-aware (anisotropic) codes, ScaNN: Guo et al., "Accelerating Large-Scale Inference with
+Anisotropic Vector Quantization", ICML 2020, https://arxiv.org/abs/1908.10396 (Sec. 3-4). With
+``anisotropic_threshold=T`` (or a fixed ``anisotropic_eta``) a document's quantization error parallel
+to the document costs ``eta`` times its orthogonal error, ``eta = (d - 1) (T^2/|x|^2) / (1 - T^2/|x|^2)``
+(Theorem 3.4; ScaNN's ``ComputeParallelCostMultiplier``): for inner-product search the parallel
+error moves the high scores that decide the top-k, the orthogonal error mostly does not. Codes are
+then chosen by coordinate descent over the sub-spaces from the nearest ones (ScaNN's noise shaping),
+and before the distillation the codebooks take ``avq_rounds`` rounds of score-aware k-means: per
+sub-space, the codes then each centroid's exact least-squares update under the anisotropic loss,
+the other sub-spaces fixed (block coordinate descent: the loss never rises). The round kept, the
+start included, is the best on the held-out queries. The distillation then trains with the same
+score-aware codes. The codes and the scan are still FAISS's layout and kernel; only the encoder
+differs from FAISS's nearest-centroid ``compute_codes`` (add documents with :meth:`encode`).
+
 Learned IVF: :func:`distill_coarse_centroids` trains IVF coarse centroids with Distill-VQ's IVF
 loss (each candidate scores the query by its list's centroid; ``Index(..., coarse_epochs=)``).
 
-After training the codes are still FAISS's: nearest centroid in the (rotated) space, the same bit
-layout, and the same lookup-table scan as ``pq``/``opq`` (the classes subclass them and change
-nothing of encoding or scoring).
+After training the codes are still FAISS's: nearest centroid in the (rotated) space (score-aware
+codes when anisotropic), the same bit layout, and the same lookup-table scan as ``pq``/``opq`` (the
+classes subclass them and change nothing of scoring).
 """
 
 from __future__ import annotations
@@ -51,6 +65,7 @@ import torch.nn.functional as F
 from embpress.vectors.bebr import _TorchThreads
 from embpress.vectors.codec import Codec, register_codec
 from embpress.vectors.pq import OptimizedProductQuantizer, ProductQuantizer
+from embpress.vectors.scan import pack_fields
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +76,7 @@ _WARMUP = 0.1  # share of the steps warming up under schedule="linear" (LibVQ's 
 _METRICS = ("ip", "l2")
 _VAL_K = 10
 _BLOCK = 4096
+_AVQ_MAX_SWEEPS = 10  # coordinate-descent sweeps over the sub-spaces per code (ScaNN's kMaxRounds)
 
 
 def _polar(a: torch.Tensor) -> torch.Tensor:
@@ -76,6 +92,100 @@ def _polar(a: torch.Tensor) -> torch.Tensor:
             return x
     u, _, vh = np.linalg.svd(a.numpy().astype(np.float64))
     return torch.from_numpy((u @ vh).astype(np.float32))
+
+
+# ---------------------------------------------------------------------- score-aware (anisotropic) codes
+def parallel_cost_multiplier(x: torch.Tensor, threshold: float | None = None,
+                             eta: float | None = None) -> torch.Tensor:
+    """(N,) ScaNN's eta per row of ``x`` (N, D): ``eta`` when given, else from ``threshold`` T,
+    ``(D - 1) r / (1 - r)`` with ``r = T^2 / |x|^2`` (Theorem 3.4). A row of norm at most T cannot
+    score above T against a unit query, so it gets 1 (plain squared error)."""
+    if eta is not None:
+        return torch.full((x.shape[0],), float(eta), dtype=x.dtype)
+    if threshold is None:
+        raise ValueError("parallel_cost_multiplier needs threshold or eta")
+    r = float(threshold) ** 2 / (x * x).sum(1).clamp_min(1e-30)
+    out = (x.shape[1] - 1) * r / (1 - r).clamp_min(1e-30)
+    return torch.where(r < 1, out, torch.ones_like(out))
+
+
+def _unit_subspaces(xr: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, M, dsub) sub-vectors of ``xr`` and of its direction ``xr / |xr|``."""
+    sub = xr.reshape(xr.shape[0], m, -1)
+    return sub, sub / xr.norm(dim=1).clamp_min(1e-30)[:, None, None]
+
+
+def anisotropic_loss(xr: torch.Tensor, cb: torch.Tensor, codes: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """(N,) ScaNN's loss of each row: ``|r|^2 + (eta - 1) <r, x/|x|>^2`` with ``r = x - decode(codes)``
+    (the orthogonal error counted once, the parallel error ``eta`` times)."""
+    m = cb.shape[0]
+    r = xr - cb[torch.arange(m)[None, :], codes].reshape(xr.shape)
+    par = (r * xr).sum(1) / xr.norm(dim=1).clamp_min(1e-30)
+    return (r * r).sum(1) + (eta - 1) * par * par
+
+
+@torch.no_grad()
+def anisotropic_codes(xr: torch.Tensor, cb: torch.Tensor, eta: torch.Tensor,
+                      max_sweeps: int = _AVQ_MAX_SWEEPS) -> torch.Tensor:
+    """(N, M) codes of rows ``xr`` (N, D) minimising :func:`anisotropic_loss` under codebooks ``cb``
+    (M, K, dsub): from the nearest centroids, coordinate descent over the sub-spaces (each one's
+    best centroid with the others fixed) until a sweep changes nothing (ScaNN's noise shaping)."""
+    m = cb.shape[0]
+    sub, h = _unit_subspaces(xr, m)
+    err = (cb * cb).sum(-1)[None] - 2 * torch.einsum("nmd,mkd->nmk", sub, cb)  # |x_m - c|^2 - |x_m|^2
+    par = (sub * h).sum(-1)[..., None] - torch.einsum("nmd,mkd->nmk", h, cb)  # <x_m - c, x_m/|x|>
+    codes = err.argmin(-1)
+    own = par.gather(2, codes[..., None])[..., 0]  # (N, M) the chosen codes' parallel errors
+    total = own.sum(1)
+    w = (eta - 1)[:, None]
+    for _ in range(max_sweeps):
+        changed = False
+        for j in range(m):
+            rest = total - own[:, j]
+            new = (err[:, j] + w * (rest[:, None] + par[:, j]) ** 2).argmin(1)
+            changed = changed or bool((new != codes[:, j]).any())
+            codes[:, j] = new
+            own[:, j] = par[:, j].gather(1, new[:, None])[:, 0]
+            total = rest + own[:, j]
+        if not changed:
+            break
+    return codes
+
+
+@torch.no_grad()
+def anisotropic_kmeans_round(xr: torch.Tensor, cb: torch.Tensor, codes: torch.Tensor, eta: torch.Tensor) -> None:
+    """One round of score-aware k-means, in place on ``cb`` (M, K, dsub) and ``codes`` (N, M): for
+    each sub-space in turn, the codes minimising :func:`anisotropic_loss` with the other sub-spaces
+    fixed, then each centroid's exact minimiser (a dsub x dsub linear system: ``(n I + sum w h h^T) c
+    = sum x_m + sum w a h``, ``w = eta - 1``, ``h`` the row's direction in the sub-space, ``a`` its
+    parallel target). Both steps are exact block minimisations, so the loss never rises; a centroid
+    no row picks keeps its value. With eta = 1 this is Lloyd's k-means step per sub-space."""
+    m, k, ds = cb.shape
+    sub, h = _unit_subspaces(xr, m)
+    idx = torch.arange(m)[None, :]
+    own = (sub * h).sum(-1) - (h * cb[idx, codes]).sum(-1)
+    total = own.sum(1)
+    w = (eta - 1).double()
+    eye = torch.eye(ds, dtype=torch.float64)
+    for j in range(m):
+        xj, hj, c = sub[:, j], h[:, j], cb[j]
+        rest = total - own[:, j]
+        base = (xj * hj).sum(1)
+        new = ((c * c).sum(1)[None] - 2 * xj @ c.T + (eta - 1)[:, None] * (rest[:, None] + base[:, None] - hj @ c.T) ** 2).argmin(1)
+        a = (rest + base).double()
+        gram = torch.zeros(k, ds * ds, dtype=torch.float64)
+        rhs = torch.zeros(k, ds, dtype=torch.float64)
+        for s in range(0, xr.shape[0], _BLOCK):  # sum of w h h^T per centroid, in blocks (N x dsub^2)
+            hb, wb = hj[s:s + _BLOCK].double(), w[s:s + _BLOCK]
+            gram.index_add_(0, new[s:s + _BLOCK], (wb[:, None, None] * hb[:, :, None] * hb[:, None, :]).reshape(len(hb), -1))
+            rhs.index_add_(0, new[s:s + _BLOCK], xj[s:s + _BLOCK].double() + (wb * a[s:s + _BLOCK])[:, None] * hb)
+        count = torch.bincount(new, minlength=k).double()
+        used = count > 0
+        lhs = gram.reshape(k, ds, ds)[used] + count[used][:, None, None] * eye
+        c[used] = torch.linalg.solve(lhs, rhs[used]).to(c.dtype)
+        codes[:, j] = new
+        own[:, j] = base - (hj * c[new]).sum(1)
+        total = rest + own[:, j]
 
 
 class _DistillTrainer:
@@ -102,6 +212,9 @@ class _DistillTrainer:
     val_size: int
     num_threads: int | None
     seed: int
+    anisotropic_threshold: float | None
+    anisotropic_eta: float | None
+    avq_rounds: int
 
     _trains_rotation = False
 
@@ -116,7 +229,13 @@ class _DistillTrainer:
         if self.metric not in _METRICS:
             raise ValueError(f"{name}: metric must be one of {_METRICS} (cosine: 'ip' on normalised "
                              f"vectors), got {self.metric!r}")
-        for key in ("epochs", "val_size", "n_top", "n_random", "n_code_top"):
+        for key in ("anisotropic_threshold", "anisotropic_eta"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 or v != v):
+                raise ValueError(f"{name}: {key} must be None (off) or > 0, got {v!r}")
+        if self.anisotropic_threshold is not None and self.anisotropic_eta is not None:
+            raise ValueError(f"{name}: give anisotropic_threshold or anisotropic_eta, not both")
+        for key in ("epochs", "val_size", "n_top", "n_random", "n_code_top", "avq_rounds"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: {key} must be a non-negative int, got {v!r}")
@@ -194,6 +313,26 @@ class _DistillTrainer:
         for k in ("_pq", "_cent_t"):
             self.__dict__.pop(k, None)
 
+    @property
+    def anisotropic(self) -> bool:
+        """Whether the codes are score-aware (ScaNN) rather than FAISS's nearest centroids."""
+        return self.anisotropic_threshold is not None or self.anisotropic_eta is not None
+
+    def _eta(self, x: torch.Tensor) -> torch.Tensor:
+        return parallel_cost_multiplier(x, self.anisotropic_threshold, self.anisotropic_eta)
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        if not self.anisotropic:
+            return super()._encode(x)  # type: ignore[misc]  # FAISS's compute_codes
+        cb = torch.from_numpy(self.centroids_)  # type: ignore[attr-defined]
+        out = np.empty((x.shape[0], self.code_bytes), np.uint8)  # type: ignore[attr-defined]
+        for s in range(0, x.shape[0], _BLOCK // 4):
+            xb = torch.from_numpy(np.ascontiguousarray(x[s:s + _BLOCK // 4]))
+            xr = torch.from_numpy(np.ascontiguousarray(self._rotate(xb.numpy()), dtype=np.float32))  # type: ignore[attr-defined]
+            codes = anisotropic_codes(xr, cb, self._eta(xb))
+            out[s:s + len(xb)] = pack_fields(codes.numpy(), self.nbits, self.code_bytes)  # type: ignore[attr-defined]
+        return out
+
     def _train(self, x: np.ndarray) -> None:
         rng = np.random.default_rng(self.seed)
         gen = torch.Generator().manual_seed(int(self.seed))
@@ -253,11 +392,6 @@ class _DistillTrainer:
         with torch.no_grad():
             d0 = self._sub_distances(self._rot(xt[:_BLOCK], rot), cb)
             self.assign_temperature_ = float(d0.min(-1).values.mean().clamp_min(1e-12))
-        groups = [{"params": [cb], "lr": self.lr}]
-        if rot is not None and rot.requires_grad:
-            rot_lr = getattr(self, "rotation_lr", None)
-            groups.append({"params": [rot], "lr": self.lr if rot_lr is None else rot_lr})
-        opt = torch.optim.Adam(groups)
         val = (qt[val_q], top[val_q, :_VAL_K]) if n_val else None
         if val is not None and self.loss == "contrastive":
             # labelled mode: the held-out queries' judged documents are the truth, not the float 10-NN
@@ -266,6 +400,13 @@ class _DistillTrainer:
             for qi, di in val_pairs:
                 truth[rows[int(qi)]].add(int(di))
             val = (qt[val_q], truth) if any(truth) else None
+        if self.anisotropic:
+            self._avq(xt, cb, rot, val, self_rows, val_q)
+        groups = [{"params": [cb], "lr": self.lr}]
+        if rot is not None and rot.requires_grad:
+            rot_lr = getattr(self, "rotation_lr", None)
+            groups.append({"params": [rot], "lr": self.lr if rot_lr is None else rot_lr})
+        opt = torch.optim.Adam(groups)
         best_state = (self._val_recall(val, xt, cb, rot, self_rows, val_q), 0,
                       cb.detach().clone(), None if rot is None else rot.detach().clone())
         history, val_history = [], [best_state[0]]
@@ -312,6 +453,37 @@ class _DistillTrainer:
         self.best_epoch_ = int(best_state[1])
 
     # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def _avq(self, xt, cb, rot, val, self_rows, val_q) -> None:
+        """``avq_rounds`` rounds of score-aware k-means on the training documents, in place on ``cb``;
+        the round kept (the start included) is the best on the held-out queries (all of them
+        without held-out queries). Sets ``avq_recall_history_``, ``avq_loss_history_`` and
+        ``avq_best_round_``."""
+        xr = torch.cat([self._rot(xt[s:s + _BLOCK], rot) for s in range(0, xt.shape[0], _BLOCK)])
+        eta = self._eta(xt)
+        codes = torch.cat([anisotropic_codes(xr[s:s + _BLOCK], cb, eta[s:s + _BLOCK])
+                           for s in range(0, xr.shape[0], _BLOCK)])
+        best = (self._val_recall(val, xt, cb, rot, self_rows, val_q), 0, cb.detach().clone())
+        recalls, losses = [best[0]], [float(anisotropic_loss(xr, cb, codes, eta).mean())]
+        for r in range(self.avq_rounds):
+            anisotropic_kmeans_round(xr, cb.data, codes, eta)
+            losses.append(float(anisotropic_loss(xr, cb, codes, eta).mean()))
+            recalls.append(self._val_recall(val, xt, cb, rot, self_rows, val_q))
+            log.info("%s score-aware k-means round %d/%d loss %.5f held-out recall@%d %.4f", self.spec,  # type: ignore[attr-defined]
+                     r + 1, self.avq_rounds, losses[-1], _VAL_K, recalls[-1])
+            if val is None or recalls[-1] > best[0]:
+                best = (recalls[-1], r + 1, cb.detach().clone())
+        cb.data.copy_(best[2])
+        self.avq_recall_history_ = np.asarray(recalls, dtype=np.float32)
+        self.avq_loss_history_ = np.asarray(losses, dtype=np.float32)
+        self.avq_best_round_ = int(best[1])
+
+    def _assign(self, x: torch.Tensor, xr: torch.Tensor, cb: torch.Tensor, dist: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, M) hard codes of documents ``x`` (rotated: ``xr``): nearest centroids, or score-aware."""
+        if self.anisotropic:
+            return anisotropic_codes(xr.detach(), cb.detach(), self._eta(x))
+        return (self._sub_distances(xr, cb) if dist is None else dist).argmin(-1)
+
     def _lr_factor(self, steps: int):
         """Multiplier of the learning rate at a step: 1 (``constant``), or (``linear``, LibVQ's
         schedule) a linear warm-up over the first tenth of the steps, then a linear decay to 0."""
@@ -357,7 +529,7 @@ class _DistillTrainer:
         xr = self._rot(x, rot)
         dist = self._sub_distances(xr, cb)
         soft = torch.softmax(-dist / self.assign_temperature_, dim=-1)
-        hard = cb[torch.arange(cb.shape[0])[None, :], dist.argmin(-1)]  # (C, M, dsub): value and centroid grad
+        hard = cb[torch.arange(cb.shape[0])[None, :], self._assign(x, xr, cb, dist.detach())]  # (C, M, dsub): value and centroid grad
         # straight-through: the soft assignment's gradient, with a forward value of exactly zero
         st = torch.einsum("cmk,mkd->cmd", soft - soft.detach(), cb.detach())
         return (hard + st).reshape(x.shape[0], -1)
@@ -412,7 +584,7 @@ class _DistillTrainer:
         out = []
         for s in range(0, xt.shape[0], _BLOCK):
             xr = self._rot(xt[s:s + _BLOCK], rot)
-            idx = self._sub_distances(xr, cb).argmin(-1)  # (b, M)
+            idx = self._assign(xt[s:s + _BLOCK], xr, cb)  # (b, M)
             out.append(cb[torch.arange(cb.shape[0])[None, :], idx].reshape(xr.shape[0], -1))
         return torch.cat(out)
 
@@ -475,12 +647,19 @@ class DistilledPQ(_DistillTrainer, ProductQuantizer):
         metric: ``"ip"`` (also cosine on normalised vectors) or ``"l2"``: the scores distilled.
         max_train: documents sampled from ``x`` for training. max_queries: pseudo-queries used.
         val_size: held-out queries picking the epoch (at most a tenth of them).
+        anisotropic_threshold: ScaNN's threshold T: score-aware codes whose parallel error costs
+            ``eta(x) = (D - 1) (T^2/|x|^2) / (1 - T^2/|x|^2)`` times the orthogonal error (None: off,
+            FAISS's nearest centroids). On unit vectors, T = sqrt(eta / (D - 1 + eta)).
+        anisotropic_eta: a fixed eta for every document instead of T (None: from T, or off).
+        avq_rounds: rounds of score-aware k-means on the codebooks before the distillation
+            (anisotropic only; the best round on the held-out queries is kept, the start included).
         num_threads: torch threads while training (None: leave torch's setting).
         seed: seed of FAISS's k-means, the sampling and the batch order.
 
     Fitted: ``centroids_`` (M, 2^nbits, D/M) in FAISS's layout, ``loss_history_`` (epochs,),
     ``val_recall_history_`` (epochs + 1,) held-out recall@10 from the start, ``best_epoch_`` (0:
-    FAISS's start kept), ``assign_temperature_``.
+    the start kept), ``assign_temperature_``; anisotropic: ``avq_recall_history_`` and
+    ``avq_loss_history_`` (avq_rounds + 1,), ``avq_best_round_``.
 
     Examples:
         >>> import numpy as np
@@ -497,14 +676,16 @@ class DistilledPQ(_DistillTrainer, ProductQuantizer):
                  teacher_temperature: float | None = None, lr: float = 3e-4, schedule: str = "linear",
                  pseudo: str = "corpus", noise: float = 1.0,
                  metric: str = "ip", max_train: int = 100_000, max_queries: int = 20_000, val_size: int = 500,
-                 num_threads: int | None = None, seed: int = 0):
+                 anisotropic_threshold: float | None = None, anisotropic_eta: float | None = None,
+                 avq_rounds: int = 6, num_threads: int | None = None, seed: int = 0):
         super().__init__(m=m, nbits=nbits, seed=seed)
         self.loss, self.epochs, self.batch_size = loss, epochs, batch_size
         self.n_top, self.n_random, self.temperature, self.lr = n_top, n_random, temperature, lr
         self.n_code_top, self.schedule, self.teacher_temperature = n_code_top, schedule, teacher_temperature
         self.pseudo, self.noise, self.metric = pseudo, noise, metric
         self.max_train, self.max_queries, self.val_size = max_train, max_queries, val_size
-        self.num_threads = num_threads
+        self.anisotropic_threshold, self.anisotropic_eta = anisotropic_threshold, anisotropic_eta
+        self.avq_rounds, self.num_threads = avq_rounds, num_threads
 
     @classmethod
     def _from_spec(cls, groups: dict[str, Any], seed: int) -> Codec:
@@ -540,7 +721,8 @@ class DistilledOPQ(_DistillTrainer, OptimizedProductQuantizer):
                  teacher_temperature: float | None = None, lr: float = 3e-4, schedule: str = "linear",
                  pseudo: str = "corpus", noise: float = 1.0,
                  metric: str = "ip", max_train: int = 100_000, max_queries: int = 20_000, val_size: int = 500,
-                 num_threads: int | None = None, seed: int = 0):
+                 anisotropic_threshold: float | None = None, anisotropic_eta: float | None = None,
+                 avq_rounds: int = 6, num_threads: int | None = None, seed: int = 0):
         super().__init__(m=m, nbits=nbits, niter=niter, seed=seed)
         self.train_rotation, self.rotation_lr = train_rotation, rotation_lr
         self.loss, self.epochs, self.batch_size = loss, epochs, batch_size
@@ -548,7 +730,8 @@ class DistilledOPQ(_DistillTrainer, OptimizedProductQuantizer):
         self.n_code_top, self.schedule, self.teacher_temperature = n_code_top, schedule, teacher_temperature
         self.pseudo, self.noise, self.metric = pseudo, noise, metric
         self.max_train, self.max_queries, self.val_size = max_train, max_queries, val_size
-        self.num_threads = num_threads
+        self.anisotropic_threshold, self.anisotropic_eta = anisotropic_threshold, anisotropic_eta
+        self.avq_rounds, self.num_threads = avq_rounds, num_threads
 
     @property
     def _trains_rotation(self) -> bool:  # type: ignore[override]

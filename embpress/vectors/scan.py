@@ -99,6 +99,21 @@ def unpack_fields(codes: np.ndarray, nbits: int, count: int, offset_bits: int = 
     return bits.astype(np.int64) @ weights
 
 
+def pack_fields(fields: np.ndarray, nbits: int, nbytes: int) -> np.ndarray:
+    """Write (N, count) unsigned ``nbits``-bit fields into (N, nbytes) uint8, FAISS's layout (the
+    inverse of :func:`unpack_fields`: field i at bits ``i*nbits ...``, least significant bit first)."""
+    fields = np.asarray(fields)
+    if fields.size and (fields.min() < 0 or fields.max() >= 1 << nbits):
+        raise ValueError(f"pack_fields: values must lie in [0, {1 << nbits}), got [{fields.min()}, {fields.max()}]")
+    if nbits == 8 and fields.shape[1] == nbytes:
+        return fields.astype(np.uint8)
+    bits = ((fields.astype(np.int64)[:, :, None] >> np.arange(nbits)) & 1).astype(np.uint8)
+    bits = bits.reshape(fields.shape[0], -1)
+    out = np.zeros((fields.shape[0], nbytes * 8), np.uint8)
+    out[:, : bits.shape[1]] = bits
+    return np.packbits(out, axis=1, bitorder="little")
+
+
 def sign_bits(x: np.ndarray) -> np.ndarray:
     """Pack the signs of (N, D) values into (N, ceil(D/8)) uint8 (bit 1 where value > 0, MSB first)."""
     return np.packbits(x > 0, axis=1)

@@ -17,8 +17,15 @@ from embpress.vectors import (
     code_size,
     codec_from_state,
 )
-from embpress.vectors.distill import distill_coarse_centroids
+from embpress.vectors.distill import (
+    anisotropic_codes,
+    anisotropic_kmeans_round,
+    anisotropic_loss,
+    distill_coarse_centroids,
+    parallel_cost_multiplier,
+)
 from embpress.vectors.evaluate import exact_knn, recall_at_k
+from embpress.vectors.scan import unpack_fields
 
 D = 16
 
@@ -208,3 +215,99 @@ def test_coarse_distillation_moves_centroids_and_fills_probed_lists(make_cluster
         Index("sq8", coarse_epochs=2)
     with pytest.raises(ValueError, match="centroids .* and x .* must be 2-D"):
         distill_coarse_centroids(km.centroids[:, :8], x)
+
+
+# ---------------------------------------------------------------------- score-aware (ScaNN) codes
+def _unit(n, d, seed):
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def test_parallel_cost_multiplier_is_scanns_formula():
+    x = torch.tensor([[1.0, 0, 0, 0], [0.5, 0, 0, 0], [0.1, 0, 0, 0]])
+    eta = parallel_cost_multiplier(x, threshold=0.2)
+    # (d - 1) r / (1 - r), r = T^2 / |x|^2; a row no longer than T gets 1
+    np.testing.assert_allclose(eta.numpy(), [3 * 0.04 / 0.96, 3 * 0.16 / 0.84, 1.0], rtol=1e-6)
+    np.testing.assert_array_equal(parallel_cost_multiplier(x, eta=4.0).numpy(), [4.0, 4.0, 4.0])
+    with pytest.raises(ValueError, match="threshold or eta"):
+        parallel_cost_multiplier(x)
+
+
+def test_anisotropic_codes_are_a_coordinate_minimum_below_the_nearest_codes():
+    """From the nearest centroids, coordinate descent never raises a row's loss, cuts the parallel
+    error on average, stops where no single sub-space change lowers the loss, and with eta = 1 it
+    keeps the nearest centroids."""
+    xr = _unit(400, 12, 0)
+    cb = torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(1)) * 0.3
+    eta = torch.full((400,), 6.0)
+    nearest = anisotropic_codes(xr, cb, torch.ones(400))
+    dist = ((xr.reshape(400, 3, 1, 4) - cb[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(nearest.numpy(), dist.argmin(-1).numpy())
+    codes = anisotropic_codes(xr, cb, eta)
+    before, after = anisotropic_loss(xr, cb, nearest, eta), anisotropic_loss(xr, cb, codes, eta)
+    assert (after <= before + 1e-5).all() and float(after.mean()) < 0.9 * float(before.mean())
+    for j in range(3):  # no single change of one sub-space's code lowers any row's loss
+        for k in range(8):
+            alt = codes.clone()
+            alt[:, j] = k
+            assert (anisotropic_loss(xr, cb, alt, eta) >= after - 1e-5).all()
+
+
+def test_score_aware_kmeans_never_raises_the_loss_and_eta_one_is_lloyd():
+    xr = _unit(600, 12, 2)
+    cb0 = xr[torch.randperm(600, generator=torch.Generator().manual_seed(0))[:16]].reshape(16, 3, 4).transpose(0, 1).contiguous()
+    eta = parallel_cost_multiplier(xr, threshold=0.5)  # 11 * 0.25 / 0.75 = 3.67
+    cb, codes = cb0.clone(), anisotropic_codes(xr, cb0, eta)
+    losses = [float(anisotropic_loss(xr, cb, codes, eta).sum())]
+    for _ in range(4):
+        anisotropic_kmeans_round(xr, cb, codes, eta)
+        losses.append(float(anisotropic_loss(xr, cb, codes, eta).sum()))
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert losses[-1] < 0.95 * losses[0] and (cb - cb0).abs().max() > 1e-3
+    # eta = 1: each centroid becomes the mean of its sub-vectors (k-means), empty ones stay
+    one = torch.ones(600)
+    cb1, c1 = cb0.clone(), anisotropic_codes(xr, cb0, one)
+    anisotropic_kmeans_round(xr, cb1, c1, one)
+    sub = xr.reshape(600, 3, 4)
+    for j in range(3):
+        for k in range(16):
+            rows = c1[:, j] == k
+            want = sub[rows, j].mean(0) if rows.any() else cb0[j, k]
+            np.testing.assert_allclose(cb1[j, k].numpy(), want.numpy(), atol=1e-5)
+
+
+def test_anisotropic_codec_keeps_faiss_layout_and_scan(data, tmp_path):
+    """Score-aware dopq: the codebooks move (score-aware k-means), held-out recall does not fall
+    below the start, codes are in FAISS's layout and decode to the centroids they name, the plain
+    OPQ scan serves them, and the state round trip encodes the same bytes."""
+    x, q = data
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    start = OptimizedProductQuantizer(m=4, nbits=4, niter=5).fit(x)
+    c = DistilledOPQ(m=4, nbits=4, niter=5, epochs=1, n_random=64, val_size=50, anisotropic_threshold=0.5,
+                     avq_rounds=3).fit(x, init=start)
+    assert c.avq_loss_history_.shape == (4,) and (np.diff(c.avq_loss_history_) <= 1e-6).all()
+    assert c.avq_recall_history_.max() == c.avq_recall_history_[c.avq_best_round_]
+    assert c.val_recall_history_[0] == c.avq_recall_history_.max()  # the distillation starts there
+    assert np.abs(c.centroids_ - start.centroids_).max() > 1e-3
+    codes = c.encode(x)
+    assert codes.shape == (len(x), 2) and codes.dtype == np.uint8
+    idx = unpack_fields(codes, 4, 4)
+    xr = torch.from_numpy(np.ascontiguousarray(x @ c.rotation_.T))
+    want = anisotropic_codes(xr, torch.from_numpy(c.centroids_), parallel_cost_multiplier(xr, threshold=0.5))
+    np.testing.assert_array_equal(idx, want.numpy())
+    assert (idx != unpack_fields(start.encode(x), 4, 4)).any()  # not FAISS's nearest codes
+    plain = OptimizedProductQuantizer(m=4, nbits=4)
+    plain.d_, plain.rotation_, plain.centroids_ = D, c.rotation_, c.centroids_
+    np.testing.assert_array_equal(plain.search_lists(q, codes, 10, "ip").ids, c.search_lists(q, codes, 10, "ip").ids)
+    np.testing.assert_array_equal(codec_from_state(c.get_state()).encode(x), codes)
+    d8 = DistilledPQ(m=4, nbits=8, epochs=0, anisotropic_eta=3.0, avq_rounds=1).fit(x)
+    assert d8.encode(x[:5]).shape == (5, 4)
+
+
+@pytest.mark.parametrize("kw,match", [({"anisotropic_eta": 0.0}, "anisotropic_eta must be None"),
+                                      ({"anisotropic_threshold": float("nan")}, "anisotropic_threshold must be"),
+                                      ({"anisotropic_eta": 2.0, "anisotropic_threshold": 0.2}, "not both"),
+                                      ({"avq_rounds": -1}, "avq_rounds must be a non-negative int")])
+def test_anisotropic_bad_params(data, kw, match):
+    with pytest.raises(ValueError, match=match):
+        DistilledPQ(m=4, nbits=4, **kw).fit(data[0])
