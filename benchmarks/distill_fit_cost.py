@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bebr_vs_itq import clustered_unit_vectors  # noqa: E402
-from distill_scifact import build  # noqa: E402
+from distill_scifact import build, start_spec  # noqa: E402
 
 from embpress.vectors import build_codec  # noqa: E402
 
@@ -52,10 +52,10 @@ def main() -> None:
           f"threads={args.threads} opts={args.opt}; data peak RSS {peak_mib():.0f} MiB", flush=True)
     learned = build(args.spec, dict(o.split("=", 1) for o in args.opt), args.seed)
     learned.epochs, learned.max_queries = args.epochs, args.max_queries
-    start_spec = args.spec[1:] if args.spec.startswith("dopq") else "pq" + args.spec[3:]
+    first = start_spec(learned)
     w, c = time.perf_counter(), time.process_time()
-    start = build_codec(start_spec, seed=args.seed).fit(x)
-    print(f"FAISS {start_spec} fit: {time.perf_counter() - w:.1f} s wall, {time.process_time() - c:.1f} s CPU; "
+    start = build_codec(first, seed=args.seed).fit(x)
+    print(f"FAISS {first} fit: {time.perf_counter() - w:.1f} s wall, {time.process_time() - c:.1f} s CPU; "
           f"peak RSS {peak_mib():.0f} MiB", flush=True)
     w, c = time.perf_counter(), time.process_time()
     learned.fit(x, init=start)
@@ -65,7 +65,7 @@ def main() -> None:
     if hasattr(learned, "avq_recall_history_"):
         print(f"  score-aware k-means: held-out recall@10 by round {np.round(learned.avq_recall_history_, 4).tolist()}, "
               f"loss {np.round(learned.avq_loss_history_, 5).tolist()}, kept round {learned.avq_best_round_}")
-    for name, codec in ((start_spec, start), (args.spec, learned)):
+    for name, codec in ((first, start), (args.spec, learned)):
         w = time.perf_counter()
         codec.encode(x)
         print(f"encode {args.n} vectors with {name}: {time.perf_counter() - w:.1f} s wall", flush=True)

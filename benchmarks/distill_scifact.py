@@ -15,6 +15,7 @@ labels; see :func:`corpus_sentences`), ``train``
 the train qrels; the learned codecs take ``loss`` from their spec options).
 
     python benchmarks/distill_scifact.py --specs opq48,dopq48 --queries none
+    python benchmarks/distill_scifact.py --specs opq32,dopq32a4 --queries none   # score-aware codes, eta 4
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def build(spec: str, opts: dict, seed: int):
     return codec
 
 
+def start_spec(codec) -> str:
+    """The FAISS codec a learned one starts from: ``dopq32a4`` -> ``opq32``, ``dvq16x4`` -> ``pq16x4``."""
+    kind = "opq" if hasattr(codec, "niter") else "pq"
+    return f"{kind}{codec.m}" + ("" if codec.nbits == 8 else f"x{codec.nbits}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
@@ -137,7 +144,7 @@ def main() -> None:
         if not learned and spec.startswith(("pq", "opq")):
             codec, fit_s = start(spec), float("nan")
         else:
-            init = start(spec[1:] if spec.startswith("dopq") else "pq" + spec[3:]) if learned else None
+            init = start(start_spec(codec)) if learned else None
             t = time.perf_counter()
             if learned:
                 codec.fit(xb, queries=train_q,

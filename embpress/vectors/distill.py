@@ -313,10 +313,25 @@ class _DistillTrainer:
         for k in ("_pq", "_cent_t"):
             self.__dict__.pop(k, None)
 
+    def _canonical_spec(self) -> str:
+        base = super()._canonical_spec()  # type: ignore[misc]
+        if self.anisotropic_eta is not None:
+            return f"{base}a{_number(self.anisotropic_eta)}"
+        if self.anisotropic_threshold is not None:
+            return f"{base}t{_number(self.anisotropic_threshold)}"
+        return base
+
     @property
     def anisotropic(self) -> bool:
         """Whether the codes are score-aware (ScaNN) rather than FAISS's nearest centroids."""
         return self.anisotropic_threshold is not None or self.anisotropic_eta is not None
+
+    @property
+    def residual_ok(self) -> bool:  # type: ignore[override]
+        """Score-aware codes weigh the error parallel to the document itself, which a residual to an
+        IVF centroid does not carry: in an IVF they encode the whole vector (FAISS's
+        ``by_residual=False``); nearest-centroid codes encode the residual as ``pq``/``opq`` do."""
+        return not self.anisotropic
 
     def _eta(self, x: torch.Tensor) -> torch.Tensor:
         return parallel_cost_multiplier(x, self.anisotropic_threshold, self.anisotropic_eta)
@@ -614,11 +629,22 @@ class _DistillTrainer:
 
 
 
+_SPEC = r"(?P<m>\d+)(?:x(?P<nbits>\d+))?(?:a(?P<eta>\d+(?:\.\d+)?)|t(?P<t>\d+(?:\.\d+)?))?"
+_FORM = "{M}[x{nbits}][a{eta}|t{T}]"
+
+
 def _distill_from_spec(cls: type, groups: dict[str, Any], seed: int) -> Codec:
-    return cls(m=int(groups["m"]), nbits=int(groups["nbits"] or 8), seed=seed)
+    """``dvq32``, ``dopq48x8``; ``a4`` adds score-aware codes at eta 4, ``t0.1`` at ScaNN threshold 0.1."""
+    eta, t = groups.get("eta"), groups.get("t")
+    return cls(m=int(groups["m"]), nbits=int(groups["nbits"] or 8), seed=seed,
+               anisotropic_eta=None if eta is None else float(eta), anisotropic_threshold=None if t is None else float(t))
 
 
-@register_codec(r"dvq(?P<m>\d+)(?:x(?P<nbits>\d+))?", form="dvq{M}[x{nbits}]", examples=("dvq4x4",))
+def _number(v: float) -> str:
+    return f"{v:g}"
+
+
+@register_codec(r"dvq" + _SPEC, form="dvq" + _FORM, examples=("dvq4x4", "dvq4x4a4"))
 class DistilledPQ(_DistillTrainer, ProductQuantizer):
     """FAISS PQ whose codebooks are then trained for retrieval (Distill-VQ; JPQ with labels).
 
@@ -696,7 +722,7 @@ class DistilledPQ(_DistillTrainer, ProductQuantizer):
         self._check_distill_params()
 
 
-@register_codec(r"dopq(?P<m>\d+)(?:x(?P<nbits>\d+))?", form="dopq{M}[x{nbits}]", examples=("dopq4",))
+@register_codec(r"dopq" + _SPEC, form="dopq" + _FORM, examples=("dopq4", "dopq4t0.5"))
 class DistilledOPQ(_DistillTrainer, OptimizedProductQuantizer):
     """FAISS OPQ whose rotation and codebooks are then trained for retrieval (Distill-VQ / JPQ).
 

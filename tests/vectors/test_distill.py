@@ -311,3 +311,23 @@ def test_anisotropic_codec_keeps_faiss_layout_and_scan(data, tmp_path):
 def test_anisotropic_bad_params(data, kw, match):
     with pytest.raises(ValueError, match=match):
         DistilledPQ(m=4, nbits=4, **kw).fit(data[0])
+
+
+def test_anisotropic_spec_names_the_setting():
+    """The spec carries the score-aware setting, so two settings never share a name (or a row)."""
+    a, t = build_codec("dopq32a4"), build_codec("dvq8x4t0.2")
+    assert (a.anisotropic_eta, a.anisotropic_threshold, a.spec) == (4.0, None, "dopq32a4")
+    assert (t.anisotropic_eta, t.anisotropic_threshold, t.nbits) == (None, 0.2, 4)
+    assert a._canonical_spec() == "dopq32x8a4" and build_codec("dopq32")._canonical_spec() == "dopq32x8"
+    assert build_codec("dvq4x4a2.5").anisotropic_eta == 2.5 and code_size(384, "dopq48a4") == 48
+    with pytest.raises(ValueError, match="anisotropic_eta must be None"):
+        build_codec("dopq4a0")
+
+
+def test_anisotropic_codes_in_an_ivf_encode_the_whole_vector(data):
+    x, q = data
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    idx = Index("ivf8,dvq4x4a3", metric="ip").fit(x)
+    idx.add(x)
+    assert not idx.residual_ and Index("ivf8,dvq4x4", metric="ip").fit(x).residual_
+    np.testing.assert_array_equal(idx.search(q, 10, nprobe=8).ids, idx.codec_.search_lists(q, idx.codec_.encode(x), 10, "ip").ids)
