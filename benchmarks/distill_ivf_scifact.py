@@ -8,7 +8,13 @@ vector, ``nlist`` lists): FAISS ``IndexIVFPQ`` (``IVF{nlist},PQ{M}``, inner prod
 of the codes (no re-ranking) against the exact float top-10, and the share of the float top-10 that
 lies in the probed lists (the ceiling of that recall).
 
+``--learned dopq32a4`` adds both IVFs over a learned codec's score-aware codes: those encode the
+whole vector, not the residual (``residual_ok`` is False), so one fitted codec (started from
+``--starts``' FAISS OPQ when there) serves both sets of centroids unchanged: learned IVF and learned
+PQ together.
+
     python benchmarks/distill_ivf_scifact.py --nlist 64 --m 32 --coarse-epochs 5
+    python benchmarks/distill_ivf_scifact.py --nlist 64 --m 32 --coarse-epochs 5 --learned dopq32a4 --starts DIR
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_scifact import DATA, load  # noqa: E402
+from distill_scifact import DATA, build, load, start_spec  # noqa: E402
 
-from embpress.vectors import Index  # noqa: E402
+from embpress.vectors import Index, codec_from_state  # noqa: E402
 from embpress.vectors.evaluate import exact_knn, recall_at_k  # noqa: E402
 
 
@@ -45,6 +51,9 @@ def main() -> None:
     ap.add_argument("--nprobes", default="1,2,4,8,16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--learned", default=None, help="a score-aware learned codec spec, e.g. dopq32a4")
+    ap.add_argument("--opt", action="append", default=[], help="name=value set on the learned codec")
+    ap.add_argument("--starts", type=Path, default=None, help="folder of fitted FAISS starts (distill_scifact.py)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -64,31 +73,51 @@ def main() -> None:
     fcent = faiss.downcast_index(fidx.quantizer).reconstruct_n(0, args.nlist)
     flists = faiss.downcast_index(fidx.quantizer).search(xb, 1)[1][:, 0]
 
-    rows = []
-    for label, epochs in (("embpress k-means", 0), ("embpress distilled", args.coarse_epochs)):
+    variants = [(f"pq{args.m}", None)]
+    if args.learned:
+        learned = build(args.learned, dict(o.split("=", 1) for o in args.opt), args.seed)
+        if learned.residual_ok:
+            raise SystemExit(f"--learned {args.learned}: give a score-aware spec (e.g. dopq{args.m}a4)")
+        first = args.starts / f"{start_spec(learned)}-seed{args.seed}.npz" if args.starts else None
+        init = None
+        if first is not None and first.is_file():
+            with np.load(first) as f:
+                init = codec_from_state({k: f[k] for k in f.files})
         t0 = time.perf_counter()
-        idx = Index(f"ivf{args.nlist},pq{args.m}", metric="ip", seed=args.seed, coarse_epochs=epochs).fit(xb)
-        idx.add(xb)
-        rows.append((label, idx, time.perf_counter() - t0))
+        learned.fit(xb, init=init)
+        print(f"  fitted {args.learned} in {time.perf_counter() - t0:.1f} s (whole-vector codes: the same for "
+              "every set of centroids)", flush=True)
+        learned.fit = lambda x, _c=learned: _c  # fitted once above; the IVF's fit must not train it again
+        variants.append((args.learned, learned))
+    rows = []
+    for name, codec in variants:
+        for label, epochs in (("k-means", 0), ("distilled", args.coarse_epochs)):
+            t0 = time.perf_counter()
+            spec = f"ivf{args.nlist},{name}" if codec is None else codec
+            idx = Index(spec, metric="ip", nlist=None if codec is None else args.nlist, seed=args.seed,
+                        coarse_epochs=epochs).fit(xb)
+            idx.add(xb)
+            label = f"{label} + {name}"
+            rows.append((label, idx, time.perf_counter() - t0))
         hist = getattr(idx, "coarse_history_", None)
         if hist is not None:
             print(f"  {label}: held-out share history {' '.join(f'{v:.3f}' for v in hist.val_history)} "
                   f"(kept epoch {hist.best_epoch})", flush=True)
 
-    print(f"{'index':>20} {'fit s':>6} " + " ".join(f"{'np' + str(p) + ' rec/share':>17}" for p in nprobes))
+    print(f"{'index':>26} {'fit s':>6} " + " ".join(f"{'np' + str(p) + ' rec/share':>17}" for p in nprobes))
     cells = []
     for p in nprobes:
         fidx.nprobe = p
         ids = fidx.search(xq, 10)[1]
         cells.append(f"{recall_at_k(ids, gt, 10):.4f}/{probed_share(fcent, flists, xq, gt, p):.4f}")
-    print(f"{'faiss IVFPQ':>20} {f_s:>6.1f} " + " ".join(f"{c:>17}" for c in cells), flush=True)
+    print(f"{'faiss IVFPQ':>26} {f_s:>6.1f} " + " ".join(f"{c:>17}" for c in cells), flush=True)
     for label, idx, fit_s in rows:
         lists = idx._assign(xb)
         cells = []
         for p in nprobes:
             ids = idx.search(xq, 10, nprobe=p).ids
             cells.append(f"{recall_at_k(ids, gt, 10):.4f}/{probed_share(idx.centroids_, lists, xq, gt, p):.4f}")
-        print(f"{label:>20} {fit_s:>6.1f} " + " ".join(f"{c:>17}" for c in cells), flush=True)
+        print(f"{label:>26} {fit_s:>6.1f} " + " ".join(f"{c:>17}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

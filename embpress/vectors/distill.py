@@ -76,6 +76,7 @@ _WARMUP = 0.1  # share of the steps warming up under schedule="linear" (LibVQ's 
 _METRICS = ("ip", "l2")
 _VAL_K = 10
 _BLOCK = 4096
+_CODE_FLOATS = 1 << 24  # floats of one (rows, M, K) score-aware table: 64 MiB, whatever M and K
 _AVQ_MAX_SWEEPS = 10  # coordinate-descent sweeps over the sub-spaces per code (ScaNN's kMaxRounds)
 
 
@@ -107,6 +108,11 @@ def parallel_cost_multiplier(x: torch.Tensor, threshold: float | None = None,
     r = float(threshold) ** 2 / (x * x).sum(1).clamp_min(1e-30)
     out = (x.shape[1] - 1) * r / (1 - r).clamp_min(1e-30)
     return torch.where(r < 1, out, torch.ones_like(out))
+
+
+def _code_rows(m: int, k: int) -> int:
+    """Rows whose (rows, M, K) score-aware tables are built at once (about ``_CODE_FLOATS`` floats)."""
+    return max(16, _CODE_FLOATS // (m * k))
 
 
 def _unit_subspaces(xr: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +177,10 @@ def anisotropic_kmeans_round(xr: torch.Tensor, cb: torch.Tensor, codes: torch.Te
         xj, hj, c = sub[:, j], h[:, j], cb[j]
         rest = total - own[:, j]
         base = (xj * hj).sum(1)
-        new = ((c * c).sum(1)[None] - 2 * xj @ c.T + (eta - 1)[:, None] * (rest[:, None] + base[:, None] - hj @ c.T) ** 2).argmin(1)
+        step = _code_rows(1, k)
+        new = torch.cat([((c * c).sum(1)[None] - 2 * xj[r:r + step] @ c.T + (eta[r:r + step] - 1)[:, None]
+                          * (rest[r:r + step, None] + base[r:r + step, None] - hj[r:r + step] @ c.T) ** 2).argmin(1)
+                         for r in range(0, xr.shape[0], step)])
         a = (rest + base).double()
         gram = torch.zeros(k, ds * ds, dtype=torch.float64)
         rhs = torch.zeros(k, ds, dtype=torch.float64)
@@ -341,8 +350,9 @@ class _DistillTrainer:
             return super()._encode(x)  # type: ignore[misc]  # FAISS's compute_codes
         cb = torch.from_numpy(self.centroids_)  # type: ignore[attr-defined]
         out = np.empty((x.shape[0], self.code_bytes), np.uint8)  # type: ignore[attr-defined]
-        for s in range(0, x.shape[0], _BLOCK // 4):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s:s + _BLOCK // 4]))
+        step = _code_rows(self.m, cb.shape[1])
+        for s in range(0, x.shape[0], step):
+            xb = torch.from_numpy(np.ascontiguousarray(x[s:s + step]))
             xr = torch.from_numpy(np.ascontiguousarray(self._rotate(xb.numpy()), dtype=np.float32))  # type: ignore[attr-defined]
             codes = anisotropic_codes(xr, cb, self._eta(xb))
             out[s:s + len(xb)] = pack_fields(codes.numpy(), self.nbits, self.code_bytes)  # type: ignore[attr-defined]
@@ -476,8 +486,8 @@ class _DistillTrainer:
         ``avq_best_round_``."""
         xr = torch.cat([self._rot(xt[s:s + _BLOCK], rot) for s in range(0, xt.shape[0], _BLOCK)])
         eta = self._eta(xt)
-        codes = torch.cat([anisotropic_codes(xr[s:s + _BLOCK], cb, eta[s:s + _BLOCK])
-                           for s in range(0, xr.shape[0], _BLOCK)])
+        step = _code_rows(self.m, cb.shape[1])
+        codes = torch.cat([anisotropic_codes(xr[s:s + step], cb, eta[s:s + step]) for s in range(0, xr.shape[0], step)])
         best = (self._val_recall(val, xt, cb, rot, self_rows, val_q), 0, cb.detach().clone())
         recalls, losses = [best[0]], [float(anisotropic_loss(xr, cb, codes, eta).mean())]
         for r in range(self.avq_rounds):
@@ -597,9 +607,10 @@ class _DistillTrainer:
     def _hard_codes(self, xt: torch.Tensor, cb: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
         """(N, D) hard-quantized documents in the rotated space (what the codes decode to)."""
         out = []
-        for s in range(0, xt.shape[0], _BLOCK):
-            xr = self._rot(xt[s:s + _BLOCK], rot)
-            idx = self._assign(xt[s:s + _BLOCK], xr, cb)  # (b, M)
+        step = min(_BLOCK, _code_rows(self.m, cb.shape[1]))
+        for s in range(0, xt.shape[0], step):
+            xr = self._rot(xt[s:s + step], rot)
+            idx = self._assign(xt[s:s + step], xr, cb)  # (b, M)
             out.append(cb[torch.arange(cb.shape[0])[None, :], idx].reshape(xr.shape[0], -1))
         return torch.cat(out)
 
