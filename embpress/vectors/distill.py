@@ -136,25 +136,28 @@ def anisotropic_codes(xr: torch.Tensor, cb: torch.Tensor, eta: torch.Tensor,
     """(N, M) codes of rows ``xr`` (N, D) minimising :func:`anisotropic_loss` under codebooks ``cb``
     (M, K, dsub): from the nearest centroids, coordinate descent over the sub-spaces (each one's
     best centroid with the others fixed) until a sweep changes nothing (ScaNN's noise shaping)."""
-    m = cb.shape[0]
+    m, n = cb.shape[0], xr.shape[0]
     sub, h = _unit_subspaces(xr, m)
-    err = (cb * cb).sum(-1)[None] - 2 * torch.einsum("nmd,mkd->nmk", sub, cb)  # |x_m - c|^2 - |x_m|^2
-    par = (sub * h).sum(-1)[..., None] - torch.einsum("nmd,mkd->nmk", h, cb)  # <x_m - c, x_m/|x|>
-    codes = err.argmin(-1)
-    own = par.gather(2, codes[..., None])[..., 0]  # (N, M) the chosen codes' parallel errors
-    total = own.sum(1)
+    # one batched product per sub-space for both tables, laid out (M, N, K) so each step reads one block
+    both = torch.bmm(torch.cat([sub, h], 0).transpose(0, 1), cb.transpose(1, 2))  # (M, 2N, K)
+    err = (cb * cb).sum(-1)[:, None, :] - 2 * both[:, :n]  # |x_m - c|^2 - |x_m|^2
+    par = (sub * h).sum(-1).T[..., None] - both[:, n:]  # <x_m - c, x_m/|x|>
+    codes = err.argmin(-1)  # (M, N)
+    own = par.gather(2, codes[..., None])[..., 0]  # (M, N) the chosen codes' parallel errors
+    total = own.sum(0)
     w = (eta - 1)[:, None]
     for _ in range(max_sweeps):
         changed = False
         for j in range(m):
-            rest = total - own[:, j]
-            new = (err[:, j] + w * (rest[:, None] + par[:, j]) ** 2).argmin(1)
-            changed = changed or bool((new != codes[:, j]).any())
-            codes[:, j] = new
-            own[:, j] = par[:, j].gather(1, new[:, None])[:, 0]
-            total = rest + own[:, j]
+            rest = total - own[j]
+            new = (err[j] + w * (rest[:, None] + par[j]) ** 2).argmin(1)
+            changed = changed or bool((new != codes[j]).any())
+            codes[j] = new
+            own[j] = par[j].gather(1, new[:, None])[:, 0]
+            total = rest + own[j]
         if not changed:
             break
+    codes = codes.T.contiguous()
     return codes
 
 
