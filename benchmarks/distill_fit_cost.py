@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import faiss
+import numba
 import numpy as np
 import torch
 
@@ -47,6 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))  # the score-aware encoder
     x = clustered_unit_vectors(args.n, args.d, seed=args.seed)
     print(f"n={args.n} d={args.d} spec={args.spec} epochs={args.epochs} max_queries={args.max_queries} "
           f"threads={args.threads} opts={args.opt}; data peak RSS {peak_mib():.0f} MiB", flush=True)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import faiss
+import numba
 import numpy as np
 import torch
 
@@ -58,6 +59,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))  # the score-aware encoder
     d = load(args.data, args.threads)
     xb, xq = d["xb"], d["xq"]
     gt = exact_knn(xb, xq, 10, "ip").ids

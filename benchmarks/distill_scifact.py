@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import faiss
+import numba
 import numpy as np
 import torch
 
@@ -108,6 +109,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # training progress per epoch
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))  # the score-aware encoder
     opts = dict(o.split("=", 1) for o in args.opt)
     d = load(args.data, args.threads)
     xb, xq, test = d["xb"], d["xq"], d["test"]

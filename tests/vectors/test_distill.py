@@ -233,6 +233,34 @@ def test_parallel_cost_multiplier_is_scanns_formula():
         parallel_cost_multiplier(x)
 
 
+def _reference_anisotropic_codes(xr, cb, eta, sweeps=10):
+    """The plain torch coordinate descent (whole (N, M, K) tables), the compiled kernel's reference."""
+    m, n = cb.shape[0], xr.shape[0]
+    sub = xr.reshape(n, m, -1)
+    h = sub / xr.norm(dim=1)[:, None, None]
+    err = (cb * cb).sum(-1)[None] - 2 * torch.einsum("nmd,mkd->nmk", sub, cb)
+    par = (sub * h).sum(-1)[..., None] - torch.einsum("nmd,mkd->nmk", h, cb)
+    codes = err.argmin(-1)
+    own = par.gather(2, codes[..., None])[..., 0]
+    for _ in range(sweeps):
+        for j in range(m):
+            rest = own.sum(1) - own[:, j]
+            codes[:, j] = (err[:, j] + (eta - 1)[:, None] * (rest[:, None] + par[:, j]) ** 2).argmin(1)
+            own[:, j] = par[:, j].gather(1, codes[:, j:j + 1])[:, 0]
+    return codes
+
+
+def test_compiled_anisotropic_codes_match_the_torch_reference():
+    """Same codes as the plain torch coordinate descent (up to float near-ties), same or lower loss."""
+    xr = _unit(1500, 48, 5)
+    cb = torch.randn(6, 32, 8, generator=torch.Generator().manual_seed(2)) * 0.2
+    eta = torch.rand(1500, generator=torch.Generator().manual_seed(3)) * 10 + 0.5
+    mine, ref = anisotropic_codes(xr, cb, eta), _reference_anisotropic_codes(xr, cb, eta)
+    assert mine.shape == (1500, 6) and mine.dtype == torch.int64
+    assert float((mine == ref).all(1).float().mean()) > 0.995
+    assert float(anisotropic_loss(xr, cb, mine, eta).sum()) <= float(anisotropic_loss(xr, cb, ref, eta).sum()) * (1 + 1e-5)
+
+
 def test_anisotropic_codes_are_a_coordinate_minimum_below_the_nearest_codes():
     """From the nearest centroids, coordinate descent never raises a row's loss, cuts the parallel
     error on average, stops where no single sub-space change lowers the loss, and with eta = 1 it
