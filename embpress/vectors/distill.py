@@ -77,7 +77,7 @@ _WARMUP = 0.1  # share of the steps warming up under schedule="linear" (LibVQ's 
 _METRICS = ("ip", "l2")
 _VAL_K = 10
 _BLOCK = 4096
-_CODE_FLOATS = 1 << 24  # floats of one (rows, M, K) score-aware table: 64 MiB, whatever M and K
+_CODE_FLOATS = 1 << 24  # rows x M x K per block of score-aware work (k-means tables, encode batches): 64 MiB
 _AVQ_MAX_SWEEPS = 10  # coordinate-descent sweeps over the sub-spaces per code (ScaNN's kMaxRounds)
 
 
@@ -112,7 +112,7 @@ def parallel_cost_multiplier(x: torch.Tensor, threshold: float | None = None,
 
 
 def _code_rows(m: int, k: int) -> int:
-    """Rows whose (rows, M, K) score-aware tables are built at once (about ``_CODE_FLOATS`` floats)."""
+    """Rows handled at once so that a (rows, M, K) table stays about ``_CODE_FLOATS`` floats."""
     return max(16, _CODE_FLOATS // (m * k))
 
 
