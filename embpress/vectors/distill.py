@@ -394,9 +394,9 @@ class _DistillTrainer:
         out = np.empty((x.shape[0], self.code_bytes), np.uint8)  # type: ignore[attr-defined]
         step = _code_rows(self.m, cb.shape[1])
         for s in range(0, x.shape[0], step):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s:s + step]))
-            xr = torch.from_numpy(np.ascontiguousarray(self._rotate(xb.numpy()), dtype=np.float32))  # type: ignore[attr-defined]
-            codes = anisotropic_codes(xr, cb, self._eta(xb))
+            xb = np.ascontiguousarray(x[s:s + step])
+            xr = np.ascontiguousarray(self._rotate(xb), dtype=np.float32)  # type: ignore[attr-defined]
+            codes = anisotropic_codes(torch.from_numpy(xr), cb, self._eta(torch.from_numpy(xb)))
             out[s:s + len(xb)] = pack_fields(codes.numpy(), self.nbits, self.code_bytes)  # type: ignore[attr-defined]
         return out
 
